@@ -1,0 +1,111 @@
+"""The public Python API: `load(path, **options) -> Model`."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from hybrid_runtime.config import ModelConfig, RuntimeOptions
+from hybrid_runtime.engine.generate import Sequence, Stats, generate
+from hybrid_runtime.engine.sampling import SamplingParams
+from hybrid_runtime.errors import InvalidRequestError
+from hybrid_runtime.layers import Rope
+from hybrid_runtime.loader import build_weights, check_tensor_types, configure_threads
+from hybrid_runtime.models import get_architecture
+from hybrid_runtime.tokenizer import Tokenizer
+from hybrid_runtime.weights.gguf_file import GGUFModelFile
+
+_DEFAULT_CTX = 8192
+
+
+class Model:
+    """A loaded model: tokenizer, network and options. Not thread-safe: one caller at a time."""
+
+    def __init__(self, gf: GGUFModelFile, config: ModelConfig, net, tokenizer: Tokenizer, options: RuntimeOptions):
+        self.file, self.config, self.net, self.tokenizer, self.options = gf, config, net, tokenizer, options
+        self.n_ctx = min(options.n_ctx or min(config.n_ctx_train, _DEFAULT_CTX), config.n_ctx_train)
+        self.last_stats: Stats | None = None
+
+    @property
+    def n_vocab(self) -> int:
+        return self.config.n_vocab
+
+    # -- low level ------------------------------------------------------------------------------
+    def new_cache(self):
+        return self.net.new_cache(self.n_ctx)
+
+    def forward(self, token_ids: list[int], cache, all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the cache in prefill chunks; float32 logits [n, vocab] (n = 1 unless all_logits)."""
+        ids = self._check_ids(token_ids)
+        chunk = self.options.prefill_chunk
+        out = []
+        for start in range(0, len(ids), chunk):
+            hidden = self.net.forward(torch.as_tensor(ids[start : start + chunk]), cache)
+            if all_logits:
+                out.append(self.net.logits(hidden))
+            elif start + chunk >= len(ids):
+                out.append(self.net.logits(hidden[-1:]))
+        return torch.cat(out).float().numpy()
+
+    def _check_ids(self, token_ids) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise InvalidRequestError("no tokens given")
+        bad = [t for t in ids if not 0 <= t < self.config.n_vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary of {self.config.n_vocab}")
+        return ids
+
+    # -- high level -----------------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits at every position of a fresh sequence: float32 [n_tokens, n_vocab]."""
+        return self.forward(token_ids, self.new_cache(), all_logits=True)
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer.tokenize(text, special=special)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.detokenize(list(ids))
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.8,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+                 stop: list[str] | str | None = None, **more) -> Iterator[str]:
+        """Yield text pieces as they are produced; `last_stats` holds the timings afterwards."""
+        ids = self.tokenize(prompt, special=False) if isinstance(prompt, str) else list(prompt)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                                max_tokens=max_tokens, stop=stop, **more)
+        for step in generate(self, self.tokenizer, self._check_ids(ids), params, Sequence(self.new_cache())):
+            if step.text:
+                yield step.text
+            if step.stats is not None:
+                self.last_stats = step.stats
+
+
+def load(path: str | Path, **options) -> Model:
+    """Open a GGUF model (single or split) and make it ready to run.
+
+    Options (see RuntimeOptions): compute="fast"|"reference", threads, n_ctx, yarn_beta_fast,
+    yarn_beta_slow, device, gpu_mem, cpu_moe, n_cpu_moe, override, numa_config, prefill_chunk.
+    """
+    known = {f.name for f in fields(RuntimeOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidRequestError(f"unknown load option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    opts = RuntimeOptions(**options).validate()
+    gf = GGUFModelFile(path)
+    arch = get_architecture(gf.architecture)
+    cfg = arch.read_config(gf)
+    check_tensor_types(gf)
+    tokenizer = Tokenizer(gf)
+    configure_threads(opts.threads)
+    beta_fast, beta_slow = cfg.default_yarn_betas
+    rope = Rope(cfg.qk_rope, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx,
+                opts.yarn_beta_fast if opts.yarn_beta_fast is not None else beta_fast,
+                opts.yarn_beta_slow if opts.yarn_beta_slow is not None else beta_slow)
+    net = arch.DeepSeek2(cfg, build_weights(gf, cfg, opts), rope)
+    return Model(gf, cfg, net, tokenizer, opts)

@@ -1,0 +1,50 @@
+"""Routed-expert backends: callables (h [T, D], ids [T, K], weights [T, K]) -> [T, D].
+
+- `FloatExperts`: exact float32 path; each expert is dequantized on first use and kept.
+- `CpuQuantExperts`: the raw GGUF blocks through the Numba kernels (experts/moe_cpu.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_runtime.quant.registry import get_format
+from hybrid_runtime.weights.gguf_file import GGUFModelFile, TensorRef
+from hybrid_runtime.weights.provider import to_torch
+
+
+def expert_refs(gf: GGUFModelFile, layer: int) -> tuple[TensorRef, TensorRef, TensorRef]:
+    """gate [E, F, D], up [E, F, D], down [E, D, F]; a fused gate_up [E, 2F, D] is split as views."""
+    b = f"blk.{layer}."
+    down = gf.tensor(b + "ffn_down_exps.weight")
+    if gf.has(b + "ffn_gate_up_exps.weight"):
+        gu = gf.tensor(b + "ffn_gate_up_exps.weight")
+        n_ff = gu.shape[1] // 2
+        gate = TensorRef(gu.name + "[gate]", gu.ggml_type, (gu.shape[0], n_ff, gu.shape[2]), gu.data[:, :n_ff], gu.n_bytes // 2, gu.part)
+        up = TensorRef(gu.name + "[up]", gu.ggml_type, (gu.shape[0], n_ff, gu.shape[2]), gu.data[:, n_ff:], gu.n_bytes // 2, gu.part)
+        return gate, up, down
+    return gf.tensor(b + "ffn_gate_exps.weight"), gf.tensor(b + "ffn_up_exps.weight"), down
+
+
+class FloatExperts:
+    """Exact float32 experts, dequantized lazily per expert."""
+
+    def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef):
+        self.refs = (gate, up, down)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if e not in self._cache:
+            self._cache[e] = tuple(to_torch(get_format(r.ggml_type).dequantize(r.data[e])) for r in self.refs)
+        return self._cache[e]
+
+    def __call__(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(h)  # [T, D]
+        for e in ids.unique().tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            gate, up, down = self.weights(e)  # [F, D], [F, D], [D, F]
+            x = h[tok]
+            y = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T  # [t, D]
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        return out

@@ -1,0 +1,31 @@
+"""Turn an opened GGUF into weight providers according to the runtime options."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hybrid_runtime.config import ModelConfig, RuntimeOptions
+from hybrid_runtime.experts.backends import FloatExperts, expert_refs
+from hybrid_runtime.quant.registry import get_format
+from hybrid_runtime.weights.gguf_file import GGUFModelFile
+from hybrid_runtime.weights.provider import FloatWeights
+
+
+def check_tensor_types(gf: GGUFModelFile) -> None:
+    for ref in gf.tensors.values():
+        get_format(ref.ggml_type)
+
+
+def configure_threads(threads: int | None) -> int:
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions) -> FloatWeights:
+    def experts(layer: int):
+        return FloatExperts(*expert_refs(gf, layer))
+
+    return FloatWeights(gf, experts)

@@ -1,0 +1,74 @@
+"""llama.cpp (through llama-cpp-python) on the same GGUF file: the correctness oracle and speed baseline.
+
+Oracle runs use an F32 KV cache (llama.cpp's default F16 also rounds q and the softmax) and pass
+the YaRN betas explicitly (they are not in the file; llama-cpp-python's defaults are 32/1).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hybrid_runtime.errors import ModelFormatError
+from hybrid_runtime.util import quiet_stderr
+
+
+def open_llama(path: str | Path, n_ctx: int, n_ubatch: int = 512, threads: int | None = None,
+               yarn_betas: tuple[float, float] = (32.0, 1.0), f32_kv: bool = True):
+    import llama_cpp
+
+    kw = dict(n_ctx=n_ctx, n_batch=max(n_ubatch, 1), n_ubatch=max(n_ubatch, 1), logits_all=True,
+              n_threads=threads or len(os.sched_getaffinity(0)), yarn_beta_fast=yarn_betas[0],
+              yarn_beta_slow=yarn_betas[1], verbose=False, n_gpu_layers=0)
+    if threads:
+        kw["n_threads_batch"] = threads
+    if f32_kv:
+        kw.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                  flash_attn=False)
+    try:
+        with quiet_stderr():
+            return llama_cpp.Llama(model_path=str(path), **kw)
+    except (ValueError, RuntimeError) as e:
+        raise ModelFormatError(f"{path}: llama.cpp could not load the model ({e})") from None
+
+
+def llama_cpp_logits(path: str | Path, tokens: list[int], n_ubatch: int = 512, threads: int | None = None,
+                     yarn_betas: tuple[float, float] = (32.0, 1.0), f32_kv: bool = True) -> np.ndarray:
+    """Logits at every position of `tokens` from llama.cpp: float32 [n, vocab]."""
+    llm = open_llama(path, n_ctx=max(64, len(tokens) + 8), n_ubatch=n_ubatch, threads=threads,
+                     yarn_betas=yarn_betas, f32_kv=f32_kv)
+    try:
+        with quiet_stderr():
+            llm.eval(list(tokens))
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llama_cpp_greedy(path: str | Path, prompt: list[int], n: int, threads: int | None = None,
+                     yarn_betas: tuple[float, float] = (32.0, 1.0)) -> list[int]:
+    """Greedy continuation of `prompt` by llama.cpp (F32 KV)."""
+    llm = open_llama(path, n_ctx=max(64, len(prompt) + n + 8), threads=threads, yarn_betas=yarn_betas)
+    out: list[int] = []
+    try:
+        with quiet_stderr():
+            llm.eval(list(prompt))
+            for _ in range(n):
+                tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                out.append(tok)
+                llm.eval([tok])
+        return out
+    finally:
+        llm.close()
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.argmax(a, -1) == np.argmax(b, -1)))
