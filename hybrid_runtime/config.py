@@ -106,7 +106,8 @@ class RuntimeOptions:
     n_ctx: int | None = None  # None: min(training context, 8192)
     yarn_beta_fast: float | None = None
     yarn_beta_slow: float | None = None
-    device: str = "auto"  # "auto" | "cpu" | "cuda" (the placement plan decides the rest)
+    device: str = "auto"  # "auto" (cuda when present) | "cpu" | "cuda": where the non-expert weights go
+    gpu_device: str | None = None  # torch device standing for "the GPU" (tests: "cpu" runs the GPU code path on CPU)
     gpu_mem: int | None = None
     cpu_moe: bool = False
     n_cpu_moe: int | None = None
@@ -124,8 +125,8 @@ class RuntimeOptions:
             raise InvalidRequestError(f"n_ctx must be at least 1, not {self.n_ctx}")
         if self.prefill_chunk < 1:
             raise InvalidRequestError("prefill_chunk must be at least 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise InvalidRequestError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.device not in ("auto", "cpu", "cuda", "hybrid"):
+            raise InvalidRequestError(f"device must be auto, cpu, cuda or hybrid, not {self.device!r}")
         if self.expert_store not in ("mmap", "hugepages"):
             raise InvalidRequestError(f"expert_store must be mmap or hugepages, not {self.expert_store!r}")
         return self

@@ -1,4 +1,6 @@
-"""Routed-expert backends: callables (h [T, D], ids [T, K], weights [T, K]) -> [T, D].
+"""Routed-expert backends: `submit(h [T, D], ids [T, K], weights [T, K])` returns a handle whose
+`wait()` gives [T, D]. The model submits, computes the shared expert, then waits: a backend that
+runs elsewhere (CPU worker threads, GPU cache) overlaps with it; a synchronous one is simply done.
 
 - `FloatExperts`: exact float32 path; each expert is dequantized on first use and kept.
 - `CpuQuantExperts`: the raw GGUF blocks through the Numba kernels (experts/moe_cpu.py).
@@ -27,7 +29,29 @@ def expert_refs(gf: GGUFModelFile, layer: int) -> tuple[TensorRef, TensorRef, Te
     return gf.tensor(b + "ffn_gate_exps.weight"), gf.tensor(b + "ffn_up_exps.weight"), down
 
 
-class FloatExperts:
+class Done:
+    """The handle of work already finished."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def wait(self) -> torch.Tensor:
+        return self.value
+
+
+class SyncExperts:
+    """Base of backends that compute in the calling thread."""
+
+    def __call__(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def submit(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Done:
+        return Done(self(h, ids, weights))
+
+
+class FloatExperts(SyncExperts):
     """Exact float32 experts, dequantized lazily per expert."""
 
     def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef):

@@ -181,10 +181,10 @@ class MoE:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         r = route(h @ self.router.T, self.bias, self.cfg)
-        out = self.experts(h, r.ids, r.weights)  # [T, D]
-        if self.shared is not None:
-            out = out + self.shared(h)
-        return out
+        routed = self.experts.submit(h, r.ids, r.weights)  # runs while the shared expert computes
+        shared = self.shared(h) if self.shared is not None else None
+        out = routed.wait()  # [T, D]
+        return out + shared if shared is not None else out
 
 
 class DeepSeek2:
