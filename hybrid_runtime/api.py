@@ -29,6 +29,7 @@ class Model:
         self.file, self.config, self.net, self.tokenizer, self.options = gf, config, net, tokenizer, options
         self.n_ctx = min(options.n_ctx or min(config.n_ctx_train, _DEFAULT_CTX), config.n_ctx_train)
         self.last_stats: Stats | None = None
+        self.yarn_betas: tuple[float, float] = config.default_yarn_betas
 
     @property
     def n_vocab(self) -> int:
@@ -104,8 +105,10 @@ def load(path: str | Path, **options) -> Model:
     tokenizer = Tokenizer(gf)
     configure_threads(opts.threads)
     beta_fast, beta_slow = cfg.default_yarn_betas
-    rope = Rope(cfg.qk_rope, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx,
-                opts.yarn_beta_fast if opts.yarn_beta_fast is not None else beta_fast,
-                opts.yarn_beta_slow if opts.yarn_beta_slow is not None else beta_slow)
+    betas = (opts.yarn_beta_fast if opts.yarn_beta_fast is not None else beta_fast,
+             opts.yarn_beta_slow if opts.yarn_beta_slow is not None else beta_slow)
+    rope = Rope(cfg.qk_rope, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx, *betas)
     net = arch.DeepSeek2(cfg, build_weights(gf, cfg, opts), rope)
-    return Model(gf, cfg, net, tokenizer, opts)
+    model = Model(gf, cfg, net, tokenizer, opts)
+    model.yarn_betas = betas
+    return model

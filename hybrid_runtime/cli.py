@@ -1,0 +1,256 @@
+"""`hybrid-runtime`: generate, inspect, verify, bench, chat, serve, numa-tune."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hybrid_runtime.errors import HybridError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run Kimi K2 / DeepSeek-V3 GGUF models: experts on the CPU, the rest on one GPU.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: kernels, decode, prefill.")
+app.add_typer(bench_app, name="bench")
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def user_errors(fn):
+    """Turn HybridError (and Ctrl-C) into one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HybridError as e:
+            err.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130)
+        except OSError as e:
+            err.print(f"[red]error:[/red] {e.strerror or e}: {getattr(e, 'filename', '') or ''}")
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _load(model: Path, compute: str, threads: Optional[int], n_ctx: Optional[int] = None, **more):
+    from hybrid_runtime import load
+
+    with console.status(f"loading {model.name} ..."):
+        return load(model, compute=compute, threads=threads, n_ctx=n_ctx, **more)
+
+
+ModelArg = typer.Argument(..., help="GGUF model file (the first part of a split model)")
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads (default: all usable cores)")
+ComputeOpt = typer.Option("fast", "--compute", help="fast (quantized CPU experts) or reference (exact float path)")
+
+
+@app.command()
+@user_errors
+def generate(
+    model: Path = ModelArg,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
+    n: int = typer.Option(128, "--n-predict", "-n", help="tokens to generate"),
+    temp: float = typer.Option(0.8, "--temp", help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+    threads: Optional[int] = ThreadsOpt,
+    compute: str = ComputeOpt,
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length"),
+):
+    """Stream a completion of PROMPT and print prompt and generation tokens/s."""
+    m = _load(model, compute, threads, n_ctx)
+    ids = m.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else m.tokenize(prompt)
+    console.print(f"[dim]{m.config.arch} · {m.file.path.name} · {len(ids)} prompt tokens[/dim]")
+    sys.stdout.write(prompt if not chat else "")
+    for piece in m.generate(ids, max_tokens=n, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                            seed=seed, stop=stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    s = m.last_stats
+    sys.stdout.write("\n")
+    if s is not None:
+        console.print(f"[ Prompt: {s.prefill_tps:.1f} t/s | Generation: {s.decode_tps:.1f} t/s ]  "
+                      f"[dim]({s.prompt_tokens} prompt, {s.generated_tokens} generated)[/dim]")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def inspect_summary(gf, cfg) -> dict:
+    types = Counter(t.ggml_type.name for t in gf.tensors.values())
+    type_bytes = Counter()
+    expert_bytes = 0
+    for t in gf.tensors.values():
+        type_bytes[t.ggml_type.name] += t.n_bytes
+        if "_exps" in t.name:
+            expert_bytes += t.n_bytes
+    params = sum(int(__import__("math").prod(t.shape)) for t in gf.tensors.values())
+    return {
+        "file": str(gf.path), "parts": len(gf.parts), "architecture": cfg.arch, "name": cfg.name,
+        "parameters": params, "bytes": gf.n_bytes, "routed_expert_bytes": expert_bytes,
+        "other_bytes": gf.n_bytes - expert_bytes,
+        "kv_bytes_per_token_f32": cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope) * 4,
+        "tensor_types": {k: {"count": types[k], "bytes": type_bytes[k]} for k in sorted(types)},
+        "config": cfg.to_dict(),
+    }
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: Path = ModelArg,
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="plan placement for this much GPU memory, e.g. 24GiB"),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="keep every routed expert on the CPU"),
+    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", help="routed experts of the first N MoE layers on the CPU"),
+    override: list[str] = typer.Option([], "--override", "-ot", help="REGEX=DEVICE placement override (repeatable)"),
+    n_ctx: int = typer.Option(8192, "--n-ctx", help="context to reserve KV cache for in the plan"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+):
+    """Print the architecture, sizes, tensor types and the memory the model needs (no weights are read)."""
+    from hybrid_runtime.models import get_architecture
+    from hybrid_runtime.weights.gguf_file import GGUFModelFile
+
+    gf = GGUFModelFile(model)
+    cfg = get_architecture(gf.architecture).read_config(gf)
+    info = inspect_summary(gf, cfg)
+    plan = _plan(gf, cfg, gpu_mem, cpu_moe, n_cpu_moe, override, n_ctx) if gpu_mem is not None else None
+    if as_json:
+        if plan is not None:
+            info["plan"] = plan.to_dict()
+        print(json.dumps(info, indent=2))
+        return
+    _print_inspect(info, cfg)
+    if plan is not None:
+        from hybrid_runtime.plan import describe_plan
+
+        describe_plan(plan, console)
+
+
+def _plan(gf, cfg, gpu_mem, cpu_moe, n_cpu_moe, override, n_ctx):
+    from hybrid_runtime.plan import make_plan, parse_size
+
+    kv = cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope) * 2  # bf16 latent cache on the GPU
+    return make_plan(gf.tensors, cfg, gpu_mem=parse_size(gpu_mem), ram=None, cpu_moe=cpu_moe,
+                     n_cpu_moe=n_cpu_moe, overrides=list(override), kv_bytes_per_token=kv, n_ctx=n_ctx)
+
+
+def _print_inspect(info: dict, cfg) -> None:
+    c = info["config"]
+    console.print(f"[bold]{info['name'] or Path(info['file']).name}[/bold]  ({info['architecture']}, {info['parts']} part(s))")
+    console.print(f"  parameters       {info['parameters'] / 1e9:.3f} B   file data {_fmt_bytes(info['bytes'])}")
+    console.print(f"  routed experts   {_fmt_bytes(info['routed_expert_bytes'])}   everything else {_fmt_bytes(info['other_bytes'])}")
+    console.print(f"  layers {c['n_layer']} ({c['n_dense_lead']} dense) · hidden {c['n_embd']} · heads {c['n_head']} · vocab {c['n_vocab']}")
+    attn = f"q_lora {c['q_lora_rank']}" if c["q_lora_rank"] else "plain attn_q"
+    console.print(f"  MLA: {attn} · kv_lora {c['kv_lora_rank']} · rope {c['qk_rope']} · nope {c['qk_nope']} · v {c['v_head']}"
+                  f" · {'split k_b/v_b' if c['mla_split'] else 'combined kv_b'}")
+    gating = {1: "softmax", 2: "sigmoid"}[c["gating"]]
+    console.print(f"  MoE: {c['n_expert']} experts × {c['n_ff_expert']}, {c['n_expert_used']} used, {c['n_expert_shared']} shared,"
+                  f" {gating}, groups {c['n_group_used']}/{c['n_group']}, scale {c['weights_scale']:.3f}")
+    console.print(f"  rope: base {c['rope_base']:g}, {c['rope_scaling']} ×{c['rope_factor']:g} over {c['rope_orig_ctx']},"
+                  f" context {c['n_ctx_train']}")
+    console.print(f"  latent KV cache: {_fmt_bytes(info['kv_bytes_per_token_f32'] / 2)}/token in bf16")
+    t = Table("type", "tensors", "bytes", title="tensor types", title_justify="left")
+    for name, v in info["tensor_types"].items():
+        t.add_row(name, str(v["count"]), _fmt_bytes(v["bytes"]))
+    console.print(t)
+    need = info["bytes"] + 4096 * info["kv_bytes_per_token_f32"] / 2
+    console.print(f"  memory needed (weights + 4K-token bf16 cache): {_fmt_bytes(need)}")
+
+
+@app.command()
+@user_errors
+def verify(
+    model: Path = ModelArg,
+    prompt: str = typer.Option("The quick brown fox jumps over the lazy dog. " * 3, "--prompt", "-p"),
+    threads: Optional[int] = ThreadsOpt,
+    compute: str = ComputeOpt,
+):
+    """Run a prompt through this runtime and llama.cpp on the same file and report agreement."""
+    from hybrid_runtime.oracle import llama_cpp_logits, rel_l2, top1_agreement
+
+    m = _load(model, compute, threads)
+    ids = m.tokenize(prompt)
+    if len(ids) < 2:
+        raise HybridError("the prompt must have at least 2 tokens")
+    t0 = time.perf_counter()
+    ours = m.logits(ids)
+    t1 = time.perf_counter()
+    with console.status("running llama.cpp on the same file ..."):
+        theirs = llama_cpp_logits(model, ids, threads=threads, yarn_betas=m.yarn_betas)
+        spread = llama_cpp_logits(model, ids, n_ubatch=1, threads=threads, yarn_betas=m.yarn_betas)
+    t2 = time.perf_counter()
+    r = {"tokens": len(ids), "rel_l2": rel_l2(ours, theirs), "top1": top1_agreement(ours, theirs),
+         "llama_cpp_self_rel_l2": rel_l2(spread, theirs), "ours_s": t1 - t0, "llama_cpp_s": (t2 - t1) / 2}
+    console.print(f"{r['tokens']} tokens: relative L2 {r['rel_l2']:.2e}, top-1 agreement {100 * r['top1']:.1f} %"
+                  f"  (llama.cpp against itself, ubatch 1 vs 512: {r['llama_cpp_self_rel_l2']:.2e})")
+    ok = r["top1"] >= 0.9 and r["rel_l2"] <= max(1e-3, 2 * r["llama_cpp_self_rel_l2"])
+    console.print("[green]agreement OK[/green]" if ok else "[red]DISAGREEMENT: please report this file[/red]")
+    raise typer.Exit(0 if ok else 2)
+
+
+@bench_app.command("kernels")
+@user_errors
+def bench_kernels_cmd(
+    threads: Optional[int] = ThreadsOpt,
+    types: str = typer.Option("Q4_K,Q5_K,Q6_K,Q8_0,Q2_K,Q3_K", "--types", help="comma-separated quant types"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """GB/s of each expert kernel against the read bandwidth measured in the same run."""
+    from hybrid_runtime.bench.kernels import bench_kernels, bench_moe_step
+
+    rows = bench_kernels([t.strip() for t in types.split(",") if t.strip()], threads)
+    moe = bench_moe_step(threads=threads)
+    if as_json:
+        print(json.dumps({"kernels": rows, "moe_step": moe}, indent=2, default=str))
+        return
+    t = Table(*[str(k) for k in rows[0]]) if rows else Table("none")
+    for r in rows:
+        t.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()])
+    console.print(t)
+    console.print(moe)
+
+
+def main() -> None:
+    _mount_optional()
+    app()
+
+
+def _mount_optional() -> None:
+    """Commands whose modules are optional extras (server needs fastapi)."""
+    try:
+        from hybrid_runtime.chat import chat_command
+
+        app.command("chat")(chat_command)
+    except ImportError:
+        pass
+    try:
+        from hybrid_runtime.server import serve_command
+
+        app.command("serve")(serve_command)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
