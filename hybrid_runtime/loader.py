@@ -7,10 +7,10 @@ import os
 import torch
 
 from hybrid_runtime.config import ModelConfig, RuntimeOptions
-from hybrid_runtime.experts.backends import FloatExperts, expert_refs
+from hybrid_runtime.experts.backends import FloatExperts, RoundedFloatExperts, expert_refs
 from hybrid_runtime.quant.registry import get_format
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
-from hybrid_runtime.weights.provider import FloatWeights
+from hybrid_runtime.weights.provider import FloatWeights, RoundedWeights
 
 
 def check_tensor_types(gf: GGUFModelFile) -> None:
@@ -25,7 +25,6 @@ def configure_threads(threads: int | None) -> int:
 
 
 def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions) -> FloatWeights:
-    def experts(layer: int):
-        return FloatExperts(*expert_refs(gf, layer))
-
-    return FloatWeights(gf, experts)
+    if opts.compute == "reference":
+        return FloatWeights(gf, lambda layer: FloatExperts(*expert_refs(gf, layer)))
+    return RoundedWeights(gf, lambda layer: RoundedFloatExperts(*expert_refs(gf, layer)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hybrid_runtime.quant.act_quant import round_activations
 from hybrid_runtime.quant.registry import get_format
 from hybrid_runtime.weights.gguf_file import GGUFModelFile, TensorRef
 from hybrid_runtime.weights.provider import to_torch
@@ -70,5 +71,21 @@ class FloatExperts(SyncExperts):
             gate, up, down = self.weights(e)  # [F, D], [F, D], [D, F]
             x = h[tok]
             y = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T  # [t, D]
+            out.index_add_(0, tok, y * weights[tok, slot, None])
+        return out
+
+
+class RoundedFloatExperts(FloatExperts):
+    """Float experts with llama.cpp's activation rounding (x for gate/up, the product for down)."""
+
+    def __call__(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        gate_t, up_t, down_t = (r.ggml_type for r in self.refs)
+        out = torch.zeros_like(h)  # [T, D]
+        xg, xu = round_activations(h, gate_t), round_activations(h, up_t)
+        for e in ids.unique().tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            gate, up, down = self.weights(e)
+            mid = F.silu(xg[tok] @ gate.T) * (xu[tok] @ up.T)  # [t, F]
+            y = round_activations(mid, down_t) @ down.T
             out.index_add_(0, tok, y * weights[tok, slot, None])
         return out

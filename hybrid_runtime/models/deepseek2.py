@@ -124,15 +124,16 @@ class Attention:
             self.wq = w.linear(b + "attn_q.weight")
         self.wkv_a = w.linear(b + "attn_kv_a_mqa.weight")
         self.kv_a_norm = w.vector(b + "attn_kv_a_norm.weight")
-        self.wk_b, self.wv_b = self._absorbed(w, b)  # [H, C, N], [H, V, C]
+        self.wk_b, self.wv_b = self._absorbed(w, b)  # per head: N -> C, C -> V
         self.wo = w.linear(b + "attn_output.weight")
 
-    def _absorbed(self, w, b: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _absorbed(self, w, b: str):
         c = self.cfg
         if c.mla_split:
-            return w.matrix(b + "attn_k_b.weight"), w.matrix(b + "attn_v_b.weight")
+            return w.head_linear(b + "attn_k_b.weight"), w.head_linear(b + "attn_v_b.weight")
         kv_b = w.matrix(b + "attn_kv_b.weight").view(c.n_head, c.qk_nope + c.v_head, c.kv_lora_rank)
-        return kv_b[:, : c.qk_nope].transpose(1, 2).contiguous(), kv_b[:, c.qk_nope :].contiguous()
+        k_b = kv_b[:, : c.qk_nope].transpose(1, 2).contiguous()  # [H, C, N]
+        return w.head_linear_from(k_b), w.head_linear_from(kv_b[:, c.qk_nope :].contiguous())
 
     def __call__(self, h: torch.Tensor, pos: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         c = self.cfg
@@ -147,14 +148,14 @@ class Attention:
         latent = rms_norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_eps)  # [T, C]
         k_pe = self.rope(kv[:, None, c.kv_lora_rank :], pos)[:, 0]  # [T, R]
         lat_all, pe_all = cache.append(self.layer, latent, k_pe)  # [L, C], [L, R]
-        q_abs = torch.einsum("thn,hcn->thc", q_nope, self.wk_b)  # [T, H, C]
+        q_abs = self.wk_b(q_nope)  # [T, H, C]
         scores = torch.einsum("thc,lc->thl", q_abs, lat_all) + torch.einsum("thr,lr->thl", q_pe, pe_all)
         scores = scores * c.attn_scale
         L = lat_all.shape[0]
         causal = torch.arange(L)[None, :] > pos[:, None]  # [T, L]
         probs = torch.softmax(scores.masked_fill(causal[:, None, :], float("-inf")), dim=-1)  # [T, H, L]
         o_lat = torch.einsum("thl,lc->thc", probs, lat_all)  # [T, H, C]
-        o = torch.einsum("thc,hvc->thv", o_lat, self.wv_b)  # [T, H, V]
+        o = self.wv_b(o_lat)  # [T, H, V]
         return self.wo(o.reshape(T, c.n_head * c.v_head))
 
 

@@ -26,7 +26,7 @@ def make_scale_model(*args, **kwargs) -> Path:
     return impl(*args, **kwargs)
 
 
-def cached_model(preset: str, quant: str, cache_dir: str | os.PathLike, **kw) -> tuple[Path, Path]:
+def cached_model(preset: str | Preset, quant: str, cache_dir: str | os.PathLike, **kw) -> tuple[Path, Path]:
     """(quantized path, F32 twin path) of a tiny model, built once per distinct argument set.
 
     The cache key covers every argument and the synth package's own source, so a change to
@@ -35,7 +35,8 @@ def cached_model(preset: str, quant: str, cache_dir: str | os.PathLike, **kw) ->
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = _cache_key(preset, quant, kw)
-    stem = f"{preset}-{quant}-{key}"
+    name = preset.name if isinstance(preset, Preset) else str(preset)
+    stem = f"{name}-{quant}-{key}"
     quant_path, twin_path = cache_dir / f"{stem}.gguf", cache_dir / f"{stem}.f32.gguf"
     with open(cache_dir / f"{stem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

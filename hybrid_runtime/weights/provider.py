@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from hybrid_runtime.quant.act_quant import round_activations
 from hybrid_runtime.quant.registry import get_format
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
@@ -28,6 +29,42 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T
+
+
+class HeadLinear:
+    """Per-head matrices: x [T, H, in] -> [T, H, out] with W [H, out, in]."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("thi,hoi->tho", x, self.weight)
+
+
+class RoundedLinear(Linear):
+    """A quantized weight as llama.cpp runs it: activations rounded to the weight's vec_dot_type."""
+
+    __slots__ = ("ggml_type",)
+
+    def __init__(self, weight: torch.Tensor, ggml_type):
+        super().__init__(weight)
+        self.ggml_type = ggml_type
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return round_activations(x, self.ggml_type) @ self.weight.T
+
+
+class RoundedHeadLinear(HeadLinear):
+    __slots__ = ("ggml_type",)
+
+    def __init__(self, weight: torch.Tensor, ggml_type):
+        super().__init__(weight)
+        self.ggml_type = ggml_type
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return super().__call__(round_activations(x, self.ggml_type))
 
 
 class Embedding:
@@ -74,8 +111,24 @@ class FloatWeights:
     def linear(self, name: str) -> Linear:
         return Linear(self.matrix(name))
 
+    def head_linear(self, name: str) -> HeadLinear:
+        return HeadLinear(self.matrix(name))
+
+    def head_linear_from(self, weight: torch.Tensor) -> HeadLinear:
+        return HeadLinear(weight)
+
     def embedding(self, name: str) -> Embedding:
         return Embedding(self.matrix(name))
 
     def experts(self, layer: int) -> ExpertsFn:
         return self._experts_factory(layer)
+
+
+class RoundedWeights(FloatWeights):
+    """The default CPU path: dequantized weights, activations rounded exactly as llama.cpp does."""
+
+    def linear(self, name: str) -> Linear:
+        return RoundedLinear(self.matrix(name), self.gf.tensor(name).ggml_type)
+
+    def head_linear(self, name: str) -> HeadLinear:
+        return RoundedHeadLinear(self.matrix(name), self.gf.tensor(name).ggml_type)
