@@ -1,0 +1,47 @@
+"""`hybrid-runtime serve`: the typer command that runs the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve_command(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True, help="GGUF model file (first part of a split model)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="HYBRID_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 and /metrics."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id clients must send (default: the file's stem)."),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=1, help="Context length in tokens (default: min(training context, 8192))."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the expert kernels (default: all cores)."),
+    max_queue: int = typer.Option(16, "--max-queue", min=0, help="Requests that may wait behind the running one; more get HTTP 503."),
+    compute: str = typer.Option("fast", "--compute", help="'fast' (quantized CPU experts) or 'reference' (exact float path)."),
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    import uvicorn
+
+    from hybrid_runtime.server.app import ServerConfig, create_app
+
+    if compute not in ("fast", "reference"):
+        raise typer.BadParameter("must be 'fast' or 'reference'", param_hint="--compute")
+    options = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads), ("compute", compute)) if v is not None}
+    cfg = ServerConfig(str(model), model_name, api_key, options, max_queue)
+    failed: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_error(message: str) -> None:
+        failed.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(cfg, on_load_error=on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=3, access_log=False))
+    print(f"hybrid-runtime: serving '{cfg.served_name}' on http://{host}:{port}/v1 (loading the model...)",
+          file=sys.stderr, flush=True)
+    server.run()
+    if failed or not server.started:
+        raise typer.Exit(1)

@@ -1,0 +1,135 @@
+"""The terminal chat driven through a pseudo-terminal (pexpect)."""
+
+import json
+import os
+import sys
+
+import pexpect
+import pytest
+
+from hybrid_runtime.synth import cached_model
+
+PROMPT = ">>> "
+STATS = r"\[ Prompt: [0-9.]+ t/s \| Generation: [0-9.]+ t/s \]"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "models"
+
+
+def spawn(model, *args):
+    env = dict(os.environ, TERM="dumb", COLUMNS="200")
+    child = pexpect.spawn(sys.executable, ["-m", "hybrid_runtime.cli", "chat", str(model), "--threads", "1", *args],
+                          encoding="utf-8", timeout=60, env=env, dimensions=(50, 200))
+    child.expect_exact(PROMPT)
+    return child
+
+
+def command(child, line, expect):
+    child.sendline(line)
+    child.expect(expect)
+    child.expect_exact(PROMPT)
+
+
+def finish(child):
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "Traceback" not in (child.before or "")
+
+
+@pytest.fixture(scope="module")
+def tiny(models_dir):
+    return cached_model("kimi-k2-tiny", "Q4_K_M", models_dir)[0]
+
+
+def test_two_turns_clear_stats(tiny):
+    c = spawn(tiny, "--n-ctx", "512", "--seed", "1")
+    command(c, "/set max_tokens 8", "Set max_tokens to 8")
+    command(c, "hello there", STATS)
+    command(c, "and again", STATS)
+    c.sendline("/stats")
+    c.expect(r"Last reply: (\d+) prompt tokens \((\d+) reused\)")
+    assert int(c.match.group(2)) > 0  # turn 2 reused turn 1's cache
+    c.expect_exact(PROMPT)
+    command(c, "/clear", "Cleared the conversation")
+    command(c, "/show", r"Conversation: 0 messages")
+    command(c, "/help", "/save FILE")
+    finish(c)
+
+
+def test_bad_set_and_unknown_command(tiny):
+    c = spawn(tiny, "--n-ctx", "256")
+    command(c, "/set temperature abc", "Invalid value for temperature")
+    command(c, "/set top_p 5", "Invalid value for top_p")
+    command(c, "/set nonsense 1", "Unknown parameter")
+    command(c, "/set", "Usage: /set PARAM VALUE")
+    command(c, "/frobnicate", "Unknown command")
+    command(c, "/load /nonexistent/file.json", "Could not read")
+    finish(c)
+
+
+def test_save_and_load(tiny, tmp_path):
+    path = tmp_path / "chat.json"
+    c = spawn(tiny, "--n-ctx", "512", "--seed", "2", "--system", "Be brief.")
+    command(c, "/set max_tokens 5", "Set max_tokens")
+    command(c, "first question", STATS)
+    command(c, f"/save {path}", "Saved 2 messages")
+    saved = json.loads(path.read_text())
+    assert saved["system"] == "Be brief." and saved["messages"][0]["content"] == "first question"
+    command(c, "/clear", "Cleared")
+    command(c, f"/load {path}", "Loaded 2 messages")
+    command(c, "/show", "Conversation: 2 messages")
+    (tmp_path / "bad.json").write_text("[1, 2")
+    command(c, f"/load {tmp_path / 'bad.json'}", "is not a saved conversation")
+    finish(c)
+
+
+def test_multiline_ctrl_c_on_empty_line_and_ctrl_d(tiny):
+    c = spawn(tiny, "--n-ctx", "512")
+    command(c, "/set max_tokens 3", "Set max_tokens")
+    c.sendline('"""first line')
+    c.expect_exact("... ")
+    c.sendline('second line"""')
+    c.expect(STATS)
+    c.expect_exact(PROMPT)
+    command(c, "/show", "Conversation: 2 messages")
+    c.sendintr()
+    c.expect("Use Ctrl-D or /bye to exit")
+    c.expect_exact(PROMPT)
+    c.sendeof()
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_chat(models_dir):
+    demo = cached_model("kimi-k2-demo", "Q4_K_M", models_dir)[0]
+    c = spawn(demo, "--n-ctx", "4096", "--seed", "4")
+    command(c, "/set max_tokens 4000", "Set max_tokens")
+    for attempt in range(3):  # a random model may end a reply early; try another message then
+        c.sendline(f"write a long story {attempt}")
+        c.expect_exact(f"story {attempt}\r\n")  # the echo of the line typed
+        c.expect(r"\S{3}")  # the reply is streaming
+        c.sendintr()
+        i = c.expect([r"\[reply stopped\]", STATS])
+        c.expect_exact(PROMPT)
+        if i == 0:
+            break
+    else:
+        pytest.fail("every reply ended before Ctrl-C")
+    command(c, "/show", "Conversation: [1-9]")
+    command(c, "/set max_tokens 3", "Set max_tokens")
+    command(c, "still there?", STATS)
+    finish(c)
+
+
+def test_single_turn(tiny):
+    child = pexpect.spawn(sys.executable, ["-m", "hybrid_runtime.cli", "chat", str(tiny), "--single-turn", "--threads", "1", "--n-ctx",
+                                           "128", "--seed", "3", "hello"], encoding="utf-8", timeout=60)
+    child.expect(STATS)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
