@@ -50,7 +50,7 @@ class Model:
                 out.append(self.net.logits(hidden))
             elif start + chunk >= len(ids):
                 out.append(self.net.logits(hidden[-1:]))
-        return torch.cat(out).float().numpy()
+        return torch.cat(out).float().cpu().numpy()
 
     def _check_ids(self, token_ids) -> list[int]:
         ids = [int(t) for t in token_ids]

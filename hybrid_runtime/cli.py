@@ -145,14 +145,24 @@ def inspect(
         from hybrid_runtime.plan import describe_plan
 
         describe_plan(plan, console)
+        _ram_note(plan)
+
+
+def _ram_note(plan) -> None:
+    import psutil
+
+    need, have = plan.cpu_total, psutil.virtual_memory().total
+    if need > have:
+        console.print(f"[yellow]note:[/yellow] the RAM part ({_fmt_bytes(need)}) exceeds this machine's "
+                      f"{_fmt_bytes(have)}; experts would be paged in from disk")
 
 
 def _plan(gf, cfg, gpu_mem, cpu_moe, n_cpu_moe, override, n_ctx):
     from hybrid_runtime.plan import make_plan, parse_size
 
-    kv = cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope) * 2  # bf16 latent cache on the GPU
-    return make_plan(gf.tensors, cfg, gpu_mem=parse_size(gpu_mem), ram=None, cpu_moe=cpu_moe,
-                     n_cpu_moe=n_cpu_moe, overrides=list(override), kv_bytes_per_token=kv, n_ctx=n_ctx)
+    # inspect plans for the machine the user names, not this one: RAM is reported, not enforced
+    return make_plan(gf.tensors, cfg, gpu_mem=parse_size(gpu_mem), ram=1 << 62, cpu_moe=cpu_moe,
+                     n_cpu_moe=n_cpu_moe, overrides=list(override), n_ctx=n_ctx)
 
 
 def _print_inspect(info: dict, cfg) -> None:

@@ -114,6 +114,9 @@ class RuntimeOptions:
     override: list[str] = field(default_factory=list)
     numa_config: str | None = None
     prefill_chunk: int = 512
+    expert_profile: str | None = None  # JSON routing profile: warm the GPU expert cache at start
+    record_routing: str | None = None  # append every token's expert ids per layer to this file
+    speculative_prefetch: bool = False  # prefetch layer L+1's likely experts from layer L's hidden state
     expert_store: str = "mmap"  # "mmap" (read in place) | "hugepages" (copy into madvised memory)
 
     def validate(self) -> "RuntimeOptions":

@@ -44,9 +44,9 @@ class Rope:
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x [T, H, R] at positions pos [T] -> rotated x (pairs (2i, 2i+1))."""
-        angle = pos.to(torch.float64)[:, None] * self.freq[None, :]  # [T, R/2]
-        cos = angle.cos().to(x.dtype)[:, None, :]
-        sin = angle.sin().to(x.dtype)[:, None, :]
+        angle = pos.to(torch.float64)[:, None] * self.freq[None, :]  # [T, R/2] (CPU, float64)
+        cos = angle.cos().to(device=x.device, dtype=x.dtype)[:, None, :]
+        sin = angle.sin().to(device=x.device, dtype=x.dtype)[:, None, :]
         x0, x1 = x[..., 0::2], x[..., 1::2]
         out = torch.empty_like(x)
         out[..., 0::2] = x0 * cos - x1 * sin

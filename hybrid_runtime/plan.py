@@ -372,7 +372,7 @@ def describe_plan(plan: PlacementPlan, console) -> None:
                       f"= {fmt_bytes(plan.cache_slots * plan.slot_bytes)}")
         console.print(f"KV cache ({plan.n_ctx} tokens): {fmt_bytes(plan.kv_bytes)}, reserve {fmt_bytes(plan.reserve_bytes)}")
     console.print(f"GPU: {fmt_bytes(plan.gpu_total)} of {fmt_bytes(plan.gpu_budget)}; "
-                  f"RAM: {fmt_bytes(plan.cpu_total)} of {fmt_bytes(plan.ram_budget)}")
+                  f"RAM: {fmt_bytes(plan.cpu_total)}" + (f" of {fmt_bytes(plan.ram_budget)}" if plan.ram_budget < 1 << 60 else ""))
 
 
 def _ranges(xs: list[int]) -> str:

@@ -21,13 +21,13 @@ class LatentCache:
         self._lat = [torch.empty(0, kv_lora, dtype=dtype) for _ in range(n_layer)]
         self._pe = [torch.empty(0, rope, dtype=dtype) for _ in range(n_layer)]
 
-    def _reserve(self, layer: int, n: int) -> None:
+    def _reserve(self, layer: int, n: int, device: torch.device) -> None:
         have = self._lat[layer].shape[0]
-        if n <= have:
+        if n <= have and self._lat[layer].device == device:
             return
         new = min(self.capacity, max(n, have * 2, _GROW))
         for store in (self._lat, self._pe):
-            grown = torch.empty(new, store[layer].shape[1], dtype=store[layer].dtype)
+            grown = torch.empty(new, store[layer].shape[1], dtype=store[layer].dtype, device=device)
             grown[:have] = store[layer]
             store[layer] = grown
 
@@ -37,7 +37,7 @@ class LatentCache:
         end = start + T
         if end > self.capacity:
             raise ContextOverflowError(f"context full: {end} tokens do not fit the context of {self.capacity}")
-        self._reserve(layer, end)
+        self._reserve(layer, end, latent.device)  # the cache lives where attention runs
         self._lat[layer][start:end] = latent
         self._pe[layer][start:end] = k_pe
         self._pending = T

@@ -147,12 +147,12 @@ class Attention:
         kv = self.wkv_a(h)  # [T, C + R]
         latent = rms_norm(kv[:, : c.kv_lora_rank], self.kv_a_norm, c.rms_eps)  # [T, C]
         k_pe = self.rope(kv[:, None, c.kv_lora_rank :], pos)[:, 0]  # [T, R]
-        lat_all, pe_all = cache.append(self.layer, latent, k_pe)  # [L, C], [L, R]
+        lat_all, pe_all = cache.append(self.layer, latent, k_pe)  # [L, C], [L, R] on the latents' device
         q_abs = self.wk_b(q_nope)  # [T, H, C]
         scores = torch.einsum("thc,lc->thl", q_abs, lat_all) + torch.einsum("thr,lr->thl", q_pe, pe_all)
         scores = scores * c.attn_scale
         L = lat_all.shape[0]
-        causal = torch.arange(L)[None, :] > pos[:, None]  # [T, L]
+        causal = (torch.arange(L)[None, :] > pos[:, None]).to(scores.device)  # [T, L]
         probs = torch.softmax(scores.masked_fill(causal[:, None, :], float("-inf")), dim=-1)  # [T, H, L]
         o_lat = torch.einsum("thl,lc->thc", probs, lat_all)  # [T, H, C]
         o = self.wv_b(o_lat)  # [T, H, V]
