@@ -35,6 +35,18 @@ class Model:
     def n_vocab(self) -> int:
         return self.config.n_vocab
 
+    def placement_summary(self) -> str:
+        """One line: where the weights and the routed experts run."""
+        desc = getattr(self.net, "placement", None) or "all weights on the CPU"
+        return f"{desc}; routed experts: {self.expert_backend_name()}"
+
+    def expert_backend_name(self) -> str:
+        for ffn in self.net.ffn:
+            experts = getattr(ffn, "experts", None)
+            if experts is not None:
+                return getattr(experts, "describe", lambda: type(experts).__name__)()
+        return "none (dense model)"
+
     # -- low level ------------------------------------------------------------------------------
     def new_cache(self):
         return self.net.new_cache(self.n_ctx)

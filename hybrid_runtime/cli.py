@@ -54,6 +54,10 @@ def _load(model: Path, compute: str, threads: Optional[int], n_ctx: Optional[int
 ModelArg = typer.Argument(..., help="GGUF model file (the first part of a split model)")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads (default: all usable cores)")
 ComputeOpt = typer.Option("fast", "--compute", help="fast (quantized CPU experts) or reference (exact float path)")
+CompareOpt = typer.Option(False, "--compare-llama-cpp", help="also run llama.cpp on the same file and threads")
+JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
+PlotOpt = typer.Option(None, "--plot", help="write a roofline PNG (time per layer vs bytes/bandwidth)")
+NumaOpt = typer.Option(None, "--numa-config", help="config written by numa-tune")
 
 
 @app.command()
@@ -72,9 +76,11 @@ def generate(
     threads: Optional[int] = ThreadsOpt,
     compute: str = ComputeOpt,
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length"),
+    numa_config: Optional[str] = NumaOpt,
 ):
     """Stream a completion of PROMPT and print prompt and generation tokens/s."""
-    m = _load(model, compute, threads, n_ctx)
+    m = _load(model, compute, threads, n_ctx, numa_config=numa_config)
+    console.print(f"[dim]placement: {m.placement_summary()}[/dim]")
     ids = m.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else m.tokenize(prompt)
     console.print(f"[dim]{m.config.arch} · {m.file.path.name} · {len(ids)} prompt tokens[/dim]")
     sys.stdout.write(prompt if not chat else "")
@@ -241,6 +247,57 @@ def bench_kernels_cmd(
     console.print(moe)
 
 
+def _bench_model(model, threads, compare, as_json, plot, what, n_prompt, n_gen, decode_prompt, numa_config):
+    from hybrid_runtime.bench.e2e import bench_model
+
+    threads = threads or _usable_cores()
+    r = bench_model(model, threads, n_prompt=n_prompt, n_gen=n_gen, decode_prompt=decode_prompt,
+                    compare=compare, what=what, numa_config=numa_config)
+    if plot is not None:
+        from hybrid_runtime.bench.roofline import plot_roofline
+
+        r["plot"] = str(plot_roofline(model, r, threads, plot))
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    for kind in what:
+        d = r[kind]
+        line = f"{kind}: ours {d['ours']['tokens_per_s']:.1f} t/s"
+        if "llama_cpp" in d:
+            line += f", llama.cpp {d['llama_cpp']['tokens_per_s']:.1f} t/s, ratio {d['ratio']:.2f}x"
+        if kind == "decode":
+            line += f"  ({1e6 * d['ours']['per_layer_s']:.0f} µs/layer at context {d['context']})"
+        console.print(line + f"  [{threads} threads]")
+
+
+def _usable_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+
+
+@bench_app.command("decode")
+@user_errors
+def bench_decode_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, compare: bool = CompareOpt,
+                     as_json: bool = JsonOpt, plot: Optional[Path] = PlotOpt,
+                     n_gen: int = typer.Option(32, "--n-gen", help="decode steps to time"),
+                     context: int = typer.Option(16, "--context", help="prompt tokens before decoding"),
+                     numa_config: Optional[str] = NumaOpt):
+    """Decode tokens/s on MODEL (median step), optionally against llama.cpp."""
+    _bench_model(model, threads, compare, as_json, plot, ("decode",), 0, n_gen, context, numa_config)
+
+
+@bench_app.command("prefill")
+@user_errors
+def bench_prefill_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, compare: bool = CompareOpt,
+                      as_json: bool = JsonOpt, n_prompt: int = typer.Option(512, "--n-prompt"),
+                      numa_config: Optional[str] = NumaOpt):
+    """Prefill tokens/s of an n-token prompt on MODEL, optionally against llama.cpp."""
+    _bench_model(model, threads, compare, as_json, None, ("prefill",), n_prompt, 0, 0, numa_config)
+
+
 def main() -> None:
     _mount_optional()
     app()
@@ -248,18 +305,19 @@ def main() -> None:
 
 def _mount_optional() -> None:
     """Commands whose modules are optional extras (server needs fastapi)."""
-    try:
-        from hybrid_runtime.chat import chat_command
+    from hybrid_runtime.chat import chat_command
 
-        app.command("chat")(chat_command)
-    except ImportError:
-        pass
-    try:
-        from hybrid_runtime.server import serve_command
+    app.command("chat")(chat_command)
+    from hybrid_runtime.numa.tune import numa_tune_command
 
-        app.command("serve")(serve_command)
+    app.command("numa-tune")(numa_tune_command)
+    try:
+        import fastapi  # noqa: F401  (the server extra)
     except ImportError:
-        pass
+        return
+    from hybrid_runtime.server import serve_command
+
+    app.command("serve")(serve_command)
 
 
 if __name__ == "__main__":

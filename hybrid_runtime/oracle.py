@@ -16,10 +16,10 @@ from hybrid_runtime.util import quiet_stderr
 
 
 def open_llama(path: str | Path, n_ctx: int, n_ubatch: int = 512, threads: int | None = None,
-               yarn_betas: tuple[float, float] = (32.0, 1.0), f32_kv: bool = True):
+               yarn_betas: tuple[float, float] = (32.0, 1.0), f32_kv: bool = True, logits_all: bool = True):
     import llama_cpp
 
-    kw = dict(n_ctx=n_ctx, n_batch=max(n_ubatch, 1), n_ubatch=max(n_ubatch, 1), logits_all=True,
+    kw = dict(n_ctx=n_ctx, n_batch=max(n_ubatch, 1), n_ubatch=max(n_ubatch, 1), logits_all=logits_all,
               n_threads=threads or len(os.sched_getaffinity(0)), yarn_beta_fast=yarn_betas[0],
               yarn_beta_slow=yarn_betas[1], verbose=False, n_gpu_layers=0)
     if threads:

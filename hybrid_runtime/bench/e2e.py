@@ -1,0 +1,110 @@
+"""End-to-end decode and prefill benchmarks on a model file, against llama.cpp on the same file.
+
+Both sides run the same tokens at the same context depth with the same thread count, one after
+the other (never at once: llama.cpp with 2 threads slows 30-100x when anything else runs).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import numpy as np
+
+from hybrid_runtime.oracle import open_llama
+from hybrid_runtime.util import quiet_stderr
+
+
+def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, min(vocab, 2000), n).tolist()
+
+
+def ours_decode(model, n_prompt: int, n_gen: int) -> dict:
+    """Decode n_gen tokens after an n_prompt-token prefill; per-token and per-layer time."""
+    cache = model.new_cache()
+    logits = model.forward(_tokens(n_prompt, model.n_vocab), cache)
+    token = int(np.argmax(logits[-1]))
+    model.forward([token], cache)  # warm-up step (first-call compilation, page faults)
+    times = []
+    for _ in range(n_gen):
+        t0 = time.perf_counter()
+        logits = model.forward([token], cache)
+        times.append(time.perf_counter() - t0)
+        token = int(np.argmax(logits[-1]))
+    step = float(np.median(times))
+    return {"tokens_per_s": 1.0 / step, "step_s": step, "per_layer_s": step / model.config.n_layer}
+
+
+def ours_prefill(model, n_prompt: int, repeats: int = 2) -> dict:
+    toks = _tokens(n_prompt, model.n_vocab, seed=1)
+    model.forward(toks[:8], model.new_cache())  # warm-up
+    best = min(_timed(lambda: model.forward(toks, model.new_cache())) for _ in range(repeats))
+    return {"tokens_per_s": n_prompt / best, "seconds": best}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def llama_decode(path, threads: int, n_prompt: int, n_gen: int, betas) -> dict:
+    llm = open_llama(path, n_ctx=n_prompt + n_gen + 16, threads=threads, yarn_betas=betas, f32_kv=False,
+                     logits_all=False)
+    try:
+        with quiet_stderr():
+            llm.eval(_tokens(n_prompt, llm.n_vocab()))
+            token = 100  # the token fed back does not change the work of a step
+            llm.eval([token])
+            times = []
+            for _ in range(n_gen):
+                t0 = time.perf_counter()
+                llm.eval([token])
+                times.append(time.perf_counter() - t0)
+        step = float(np.median(times))
+        return {"tokens_per_s": 1.0 / step, "step_s": step}
+    finally:
+        llm.close()
+        gc.collect()
+
+
+def llama_prefill(path, threads: int, n_prompt: int, betas, repeats: int = 2) -> dict:
+    llm = open_llama(path, n_ctx=n_prompt + 16, n_ubatch=512, threads=threads, yarn_betas=betas, f32_kv=False,
+                     logits_all=False)
+    toks = _tokens(n_prompt, llm.n_vocab(), seed=1)
+    try:
+        with quiet_stderr():
+            llm.eval(toks[:8])
+            best = float("inf")
+            for _ in range(repeats):
+                llm.reset()  # the next eval drops the cache from position 0
+                best = min(best, _timed(lambda: llm.eval(toks)))
+        return {"tokens_per_s": n_prompt / best, "seconds": best}
+    finally:
+        llm.close()
+        gc.collect()
+
+
+def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode_prompt: int = 16,
+                compare: bool = False, what: tuple[str, ...] = ("decode", "prefill"), **load_opts) -> dict:
+    import hybrid_runtime as hr
+
+    model = hr.load(path, threads=threads, **load_opts)
+    out: dict = {"model": str(path), "threads": threads, "n_layer": model.config.n_layer}
+    if "decode" in what:
+        out["decode"] = {"ours": ours_decode(model, decode_prompt, n_gen), "context": decode_prompt}
+    if "prefill" in what:
+        out["prefill"] = {"ours": ours_prefill(model, n_prompt), "tokens": n_prompt}
+    betas = model.yarn_betas
+    del model
+    gc.collect()
+    if compare:
+        if "decode" in what:
+            d = out["decode"]
+            d["llama_cpp"] = llama_decode(path, threads, decode_prompt, n_gen, betas)
+            d["ratio"] = d["ours"]["tokens_per_s"] / d["llama_cpp"]["tokens_per_s"]
+        if "prefill" in what:
+            p = out["prefill"]
+            p["llama_cpp"] = llama_prefill(path, threads, n_prompt, betas)
+            p["ratio"] = p["ours"]["tokens_per_s"] / p["llama_cpp"]["tokens_per_s"]
+    return out
