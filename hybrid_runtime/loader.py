@@ -8,7 +8,8 @@ import torch
 
 from hybrid_runtime.config import ModelConfig, RuntimeOptions
 from hybrid_runtime.errors import InvalidRequestError
-from hybrid_runtime.experts.backends import FloatExperts, RoundedFloatExperts, expert_refs
+from hybrid_runtime.experts.backends import (CpuQuantExperts, FloatExperts, RoundedFloatExperts, expert_refs,
+                                             kernel_types_supported)
 from hybrid_runtime.quant.registry import get_format
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
 from hybrid_runtime.weights.provider import FloatWeights, RoundedWeights
@@ -20,8 +21,11 @@ def check_tensor_types(gf: GGUFModelFile) -> None:
 
 
 def configure_threads(threads: int | None) -> int:
+    """One policy for torch's and Numba's pools: the same thread count; they run one after the other."""
+    from hybrid_runtime.experts.prefill import configure_threads as configure_both
+
     n = threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
+    configure_both(n)
     return n
 
 
@@ -40,4 +44,24 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions):
         return build_hybrid_weights(gf, cfg, opts, plan_from_options(gf, cfg, opts))
     if opts.compute == "reference":
         return FloatWeights(gf, lambda layer: FloatExperts(*expert_refs(gf, layer)))
-    return RoundedWeights(gf, lambda layer: RoundedFloatExperts(*expert_refs(gf, layer)))
+    numa = numa_executor(opts)
+
+    def experts(layer: int):
+        refs = expert_refs(gf, layer)
+        if kernel_types_supported(refs):
+            return CpuQuantExperts(*refs, layer=layer, numa=numa)
+        return RoundedFloatExperts(*refs)  # types without a kernel (Q4_0, Q5_0, F16, ...)
+
+    return RoundedWeights(gf, experts)
+
+
+def numa_executor(opts: RuntimeOptions):
+    """The pinned per-node expert executor when a numa-tune config is given, else None."""
+    if not opts.numa_config:
+        return None
+    from hybrid_runtime.numa.placement import NumaExpertExecutor
+    from hybrid_runtime.numa.topology import discover
+    from hybrid_runtime.numa.tune import load_numa_config
+
+    cfg = load_numa_config(opts.numa_config)
+    return NumaExpertExecutor(discover(), cfg.placement, cfg.threads_per_node)

@@ -8,6 +8,7 @@ runs elsewhere (CPU worker threads, GPU cache) overlaps with it; a synchronous o
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +90,45 @@ class RoundedFloatExperts(FloatExperts):
             y = round_activations(mid, down_t) @ down.T
             out.index_add_(0, tok, y * weights[tok, slot, None])
         return out
+
+
+class CpuQuantExperts(SyncExperts):
+    """The raw GGUF blocks through the Numba kernels (experts/moe_cpu.py): activations quantized to
+    Q8_K/Q8_0 once per layer as llama.cpp does; large groups of a prefill go through torch bf16.
+    With a NUMA executor each node's pinned threads compute their share of the FFN dimension."""
+
+    def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef, layer: int = 0, numa=None):
+        from hybrid_runtime.experts import moe_cpu
+
+        self.layer, self.numa = layer, numa
+        self.weights = moe_cpu.ExpertWeights(gate.data, up.data, down.data, gate.ggml_type, up.ggml_type,
+                                             down.ggml_type, n_expert=gate.shape[0], n_ff=gate.shape[1],
+                                             hidden=gate.shape[2])
+        if numa is not None:
+            numa.load({layer: self.weights})
+
+    def describe(self) -> str:
+        w = self.weights
+        where = f"NUMA {self.numa.placement}" if self.numa is not None else "in place (mmap)"
+        return f"Numba kernels {w.gate_type.name}/{w.up_type.name}/{w.down_type.name}, {where}"
+
+    def __call__(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from hybrid_runtime.experts.moe_cpu import moe_forward
+        from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS, prefill_forward
+
+        x = np.ascontiguousarray(h.detach().float().cpu().numpy())  # [T, D]
+        i = ids.cpu().numpy()
+        w = weights.detach().float().cpu().numpy()
+        if self.numa is not None:
+            out = self.numa.forward(self.layer, x, i, w)
+        elif x.shape[0] >= TORCH_MIN_TOKENS:
+            out = prefill_forward(x, i, w, self.weights)
+        else:
+            out = moe_forward(x, i, w, self.weights)
+        return torch.from_numpy(out).to(h.device)
+
+
+def kernel_types_supported(refs) -> bool:
+    from hybrid_runtime.quant.kernels import CPU_KERNELS
+
+    return all(r.ggml_type in CPU_KERNELS for r in refs)

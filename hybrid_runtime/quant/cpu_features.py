@@ -1,0 +1,54 @@
+"""Run-time detection of the x86 SIMD features the expert kernels can use."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+_FORCE_ENV = "HYBRID_RUNTIME_NO_VNNI"  # set to 1 to force the portable kernels
+
+
+def _proc_cpuinfo_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _llvm_host_flags() -> frozenset[str]:
+    try:
+        import llvmlite.binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+    except Exception:  # pragma: no cover - llvmlite always present with numba
+        return frozenset()
+    return frozenset(name for name, on in feats.items() if on)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The host's CPU feature names (cpuinfo spelling, e.g. ``avx512_vnni``), cached."""
+    flags = _proc_cpuinfo_flags()
+    if flags:
+        return flags
+    llvm_to_cpuinfo = {"avx512vnni": "avx512_vnni"}
+    return frozenset(llvm_to_cpuinfo.get(f, f) for f in _llvm_host_flags())
+
+
+def has_avx512_vnni() -> bool:
+    """True when AVX-512 F, BW, VL and VNNI are all available (and not disabled by env)."""
+    if os.environ.get(_FORCE_ENV, "") not in ("", "0"):
+        return False
+    need = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}
+    return need <= cpu_flags()
+
+
+def describe() -> dict[str, bool]:
+    """Feature summary for logs and `bench` output."""
+    flags = cpu_flags()
+    names = ("avx2", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+    return {n: n in flags for n in names} | {"vnni_kernels": has_avx512_vnni()}
