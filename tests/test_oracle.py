@@ -105,21 +105,19 @@ def test_activation_rounding_reproduces_llama_cpp_exactly_on_one_layer(tiny, qua
 
 @pytest.mark.parametrize("preset", ["kimi-k2-tiny", "deepseek-v3-tiny"])
 def test_greedy_32_tokens_identical_on_f32_model(tiny, preset):
-    _, twin = tiny(preset, "Q4_K_M")
-    model = hr.load(twin)
-    prompt = _tokens(8, model.n_vocab)
-    ours = []
-    for _ in model.generate(prompt, max_tokens=32, temperature=0.0):
-        pass
     from hybrid_runtime.engine.generate import Sequence, generate
     from hybrid_runtime.engine.sampling import SamplingParams
 
+    _, twin = tiny(preset, "Q4_K_M")
+    model = hr.load(twin)
+    prompt = _tokens(8, model.n_vocab)
     steps = generate(model, model.tokenizer, prompt, SamplingParams(temperature=0.0, max_tokens=32),
                      Sequence(model.new_cache()))
     ours = [s.token for s in steps if s.token is not None]
     theirs = llama_cpp_greedy(twin, prompt, 32, yarn_betas=model.yarn_betas)
+    # generation ends at an end-of-generation token, which is not emitted as text
     n = next((i for i, t in enumerate(theirs) if t in model.tokenizer.eog_ids), len(theirs))
-    assert ours[: n + 1] == theirs[: n + 1][: len(ours)] and len(ours) >= min(n + 1, 32)
+    assert ours == theirs[:n]
 
 
 def test_yarn_betas_matter_and_are_overridable(tiny):
@@ -132,3 +130,35 @@ def test_yarn_betas_matter_and_are_overridable(tiny):
     theirs = llama_cpp_logits(twin, toks, yarn_betas=(32.0, 1.0))
     assert rel_l2(a, b) > 1e-3  # YaRN changes frequencies at every position
     assert rel_l2(b, theirs) <= 1e-4
+
+
+# -- the hybrid (GPU) code path, with torch on the CPU standing in for the GPU ------------------
+# A budget a little over the runtime reserve leaves room for some hot-expert slots, so both the
+# "cached on the GPU" and the "CPU kernels" halves of every MoE layer run.
+HYBRID = dict(device="hybrid", gpu_device="cpu", gpu_mem="1040MiB")
+
+
+@pytest.mark.parametrize("preset,quant", [("kimi-k2-tiny", "Q4_K_M"), ("deepseek-v3-tiny", "Q6_K")])
+def test_hybrid_path_reference_matches_llama_cpp_on_f32_twin(tiny, preset, quant):
+    path, twin = tiny(preset, quant)
+    model = hr.load(path, compute="reference", **HYBRID)
+    toks = _tokens(40, model.n_vocab)
+    ours = model.logits(toks)
+    theirs = llama_cpp_logits(twin, toks, yarn_betas=model.yarn_betas)
+    assert rel_l2(ours, theirs) <= 1e-4
+    assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.parametrize("preset,quant", [("kimi-k2-tiny", "Q4_K_M"), ("deepseek-v3-tiny", "Q4_K_M")])
+def test_hybrid_path_within_llama_cpp_spread(tiny, preset, quant):
+    path, _ = tiny(preset, quant)
+    fast, fast1 = hr.load(path, **HYBRID), hr.load(path, prefill_chunk=1, **HYBRID)
+    cache = fast.net.ffn[-1].experts.cache
+    assert cache is not None and cache.pool.shape[0] > 0
+    rng = np.random.default_rng()
+    seqs = [rng.integers(0, fast.n_vocab, 64).tolist() for _ in range(4)]
+    ours, big, one = _logits_over({"fast": fast, "fast1": fast1}, path, seqs, fast.yarn_betas)
+    err = rel_l2(ours["fast"], big)
+    spread = max(rel_l2(one, big), rel_l2(ours["fast1"], ours["fast"]))
+    print(f"hybrid {preset} {quant}: ours {err:.2e}, noise {spread:.2e}")
+    assert err <= 1.5 * spread

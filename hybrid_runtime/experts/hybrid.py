@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from hybrid_runtime.experts.backends import FloatExperts
 from hybrid_runtime.experts.gpu_cache import GpuExpertCache, RoutingRecorder
+from hybrid_runtime.quant.act_quant import round_activations
 from hybrid_runtime.quant.torch_dequant import dequantize
 from hybrid_runtime.weights.gguf_file import TensorRef
 
@@ -102,11 +103,19 @@ def quant_cpu_share(refs: tuple[TensorRef, TensorRef, TensorRef]) -> CpuShare | 
     return run
 
 
-def swiglu_raw(x: torch.Tensor, raw: Raw3, types: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """x [t, D] through one expert stored as raw blocks (dequantized on use) -> [t, D] float32."""
+def swiglu_raw(x: torch.Tensor, raw: Raw3, types: tuple[int, int, int], dtype: torch.dtype,
+               round_act: bool = False) -> torch.Tensor:
+    """x [t, D] through one expert stored as raw blocks (dequantized on use) -> [t, D] float32.
+
+    round_act: activations rounded as llama.cpp's CPU kernels do (x for gate/up, the product for down).
+    """
     gate, up, down = (dequantize(r, q, dtype) for r, q in zip(raw, types))  # [F, D], [F, D], [D, F]
-    xs = x.to(dtype)
-    return ((F.silu(xs @ gate.T) * (xs @ up.T)) @ down.T).float()
+    xg = (round_activations(x, types[0]) if round_act else x).to(dtype)
+    xu = (round_activations(x, types[1]) if round_act else x).to(dtype)
+    mid = F.silu(xg @ gate.T) * (xu @ up.T)  # [t, F]
+    if round_act:
+        mid = round_activations(mid.float(), types[2]).to(dtype)
+    return (mid @ down.T).float()
 
 
 class HybridHandle:
@@ -130,8 +139,10 @@ class HybridExperts:
     def __init__(self, layer: int, refs: tuple[TensorRef, TensorRef, TensorRef], cpu_share: CpuShare,
                  device: torch.device, dtype: torch.dtype, cache: GpuExpertCache | None = None,
                  layer_on_gpu: Raw3 | None = None, recorder: RoutingRecorder | None = None,
-                 prefill: PrefillPolicy | None = None, speculate: Callable[[torch.Tensor], np.ndarray] | None = None):
+                 prefill: PrefillPolicy | None = None, speculate: Callable[[torch.Tensor], np.ndarray] | None = None,
+                 round_act: bool = False):
         self.layer, self.refs, self.cpu_share = layer, refs, cpu_share
+        self.round_act = round_act
         self.device, self.dtype = torch.device(device), dtype
         self.cache, self.layer_on_gpu, self.recorder = cache, layer_on_gpu, recorder
         self.prefill, self.speculate = prefill or PrefillPolicy(), speculate
@@ -201,7 +212,7 @@ class HybridExperts:
         for s in np.unique(slots[slots >= 0]).tolist():
             tok, k = np.nonzero(slots == s)
             tok_t, k_t = torch.as_tensor(tok, device=h.device), torch.as_tensor(k, device=h.device)
-            y = swiglu_raw(h[tok_t], self._raw(s), self.types, self.dtype)
+            y = swiglu_raw(h[tok_t], self._raw(s), self.types, self.dtype, self.round_act)
             out.index_add_(0, tok_t, y * weights[tok_t, k_t, None].float())
         return out
 
@@ -219,7 +230,7 @@ class HybridExperts:
             tok, k = np.nonzero(ids_np == e)
             tok_t, k_t = torch.as_tensor(tok, device=h.device), torch.as_tensor(k, device=h.device)
             raw = uploads.get(e)
-            y = swiglu_raw(h[tok_t], raw, self.types, self.dtype)
+            y = swiglu_raw(h[tok_t], raw, self.types, self.dtype, self.round_act)
             out.index_add_(0, tok_t, y * weights[tok_t, k_t, None].float())
         return out
 

@@ -17,6 +17,7 @@ from hybrid_runtime.experts.backends import expert_refs
 from hybrid_runtime.experts.gpu_cache import GpuExpertCache, RoutingRecorder, RoutingStats
 from hybrid_runtime.experts.hybrid import HybridExperts, PrefillPolicy, float_cpu_share, quant_cpu_share
 from hybrid_runtime.plan import PlacementPlan
+from hybrid_runtime.quant.act_quant import round_activations
 from hybrid_runtime.quant.torch_dequant import dequantize
 from hybrid_runtime.weights.gguf_file import GGUFModelFile, TensorRef
 
@@ -33,17 +34,18 @@ def upload(ref: TensorRef, device: torch.device) -> torch.Tensor:
 class QuantLinear:
     """y = x @ W.T with W kept as raw GGUF blocks [out, row_bytes] on the device."""
 
-    __slots__ = ("raw", "ggml_type", "dtype", "rows_per_chunk")
+    __slots__ = ("raw", "ggml_type", "dtype", "rows_per_chunk", "round_act")
 
-    def __init__(self, raw: torch.Tensor, ggml_type: int, n_in: int, dtype: torch.dtype):
+    def __init__(self, raw: torch.Tensor, ggml_type: int, n_in: int, dtype: torch.dtype, round_act: bool = False):
         self.raw, self.ggml_type, self.dtype = raw, ggml_type, dtype
         self.rows_per_chunk = max(1, DEQUANT_CHUNK_ELEMS // max(n_in, 1))
+        self.round_act = round_act  # llama.cpp's activation rounding (the default compute mode)
 
     def weight(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return dequantize(self.raw[start:stop], self.ggml_type, self.dtype)  # [rows, in]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.to(self.dtype)  # [T, in]
+        xs = (round_activations(x, self.ggml_type) if self.round_act else x).to(self.dtype)  # [T, in]
         n_out = self.raw.shape[0]
         if n_out <= self.rows_per_chunk:
             return (xs @ self.weight().T).to(x.dtype)
@@ -66,12 +68,14 @@ class HostLinear:
 class DeviceHeadLinear:
     """Per-head matrices: x [T, H, in] -> [T, H, out] with W [H, out, in] (float32 on the device)."""
 
-    __slots__ = ("weight",)
+    __slots__ = ("weight", "ggml_type")
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
+    def __init__(self, weight: torch.Tensor, ggml_type=None):
+        self.weight, self.ggml_type = weight, ggml_type  # ggml_type set: round activations as llama.cpp
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ggml_type is not None:
+            x = round_activations(x, self.ggml_type)
         return torch.einsum("thi,hoi->tho", x, self.weight)
 
 
@@ -97,6 +101,7 @@ class DeviceWeights:
         self.device, self.compute_dtype = device, compute_dtype
         self._experts_factory = experts_factory
         self._dense: dict[str, torch.Tensor] = {}
+        self.round_act = False  # set for compute="fast": activations rounded as llama.cpp does
 
     def has(self, name: str) -> bool:
         return self.gf.has(name)
@@ -118,12 +123,13 @@ class DeviceWeights:
     def linear(self, name: str):
         ref = self.gf.tensor(name)
         if self.on_gpu(name) or self.device.type == "cpu":
-            return QuantLinear(upload(ref, self.device), ref.ggml_type, ref.shape[-1], self.compute_dtype)
+            return QuantLinear(upload(ref, self.device), ref.ggml_type, ref.shape[-1], self.compute_dtype,
+                               self.round_act)
         host = dequantize(torch.from_numpy(np.array(ref.data, copy=True)), ref.ggml_type, torch.float32)
         return HostLinear(host)
 
     def head_linear(self, name: str) -> DeviceHeadLinear:
-        return DeviceHeadLinear(self.matrix(name))
+        return DeviceHeadLinear(self.matrix(name), self.gf.tensor(name).ggml_type if self.round_act else None)
 
     def head_linear_from(self, weight: torch.Tensor) -> DeviceHeadLinear:
         return DeviceHeadLinear(weight.to(self.device))
@@ -156,9 +162,11 @@ def build_hybrid_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptio
         share = (quant_cpu_share(refs[layer]) if opts.compute == "fast" else None) or float_cpu_share(refs[layer])
         spec = _speculator(weights, cfg, layer + 1) if speculate_on and layer + 1 in refs else None
         return HybridExperts(layer, refs[layer], share, device, dtype, cache=None if on_gpu else cache,
-                             layer_on_gpu=layer_raw, recorder=recorder, prefill=PrefillPolicy(), speculate=spec)
+                             layer_on_gpu=layer_raw, recorder=recorder, prefill=PrefillPolicy(), speculate=spec,
+                             round_act=opts.compute == "fast")
 
     weights = DeviceWeights(gf, cfg, plan, device, dtype, experts)
+    weights.round_act = opts.compute == "fast"
     weights.cache, weights.recorder = cache, recorder
     return weights
 
