@@ -118,6 +118,7 @@ class RuntimeOptions:
     record_routing: str | None = None  # append every token's expert ids per layer to this file
     speculative_prefetch: bool = False  # prefetch layer L+1's likely experts from layer L's hidden state
     expert_store: str = "mmap"  # "mmap" (read in place) | "hugepages" (copy into madvised memory)
+    cpu_kernels: bool = True  # False: quantized matmuls as float emulation of the same rounding (slow)
 
     def validate(self) -> "RuntimeOptions":
         if self.compute not in ("fast", "reference"):

@@ -41,12 +41,20 @@ class Rope:
             hi = min(n_dims - 1.0, math.ceil(_yarn_corr_dim(n_dims, orig_ctx, beta_slow, base)))
             ramp = 1.0 - ((i - lo) / max(0.001, hi - lo)).clamp(0.0, 1.0)  # 1: extrapolate, 0: interpolate
             self.freq = theta_extrap / factor * (1.0 - ramp) + theta_extrap * ramp
+        self._cos = self._sin = torch.empty(0, n_dims // 2)
+
+    def _table(self, n: int) -> None:
+        """cos/sin for positions 0..n-1, computed in float64 and kept (grown by doubling)."""
+        n = max(n, 2 * self._cos.shape[0], 256)
+        angle = torch.arange(n, dtype=torch.float64)[:, None] * self.freq[None, :]  # [n, R/2]
+        self._cos, self._sin = angle.cos().float(), angle.sin().float()
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x [T, H, R] at positions pos [T] -> rotated x (pairs (2i, 2i+1))."""
-        angle = pos.to(torch.float64)[:, None] * self.freq[None, :]  # [T, R/2] (CPU, float64)
-        cos = angle.cos().to(device=x.device, dtype=x.dtype)[:, None, :]
-        sin = angle.sin().to(device=x.device, dtype=x.dtype)[:, None, :]
+        if int(pos.max()) >= self._cos.shape[0]:
+            self._table(int(pos.max()) + 1)
+        cos = self._cos[pos].to(device=x.device, dtype=x.dtype)[:, None, :]  # [T, 1, R/2]
+        sin = self._sin[pos].to(device=x.device, dtype=x.dtype)[:, None, :]
         x0, x1 = x[..., 0::2], x[..., 1::2]
         out = torch.empty_like(x)
         out[..., 0::2] = x0 * cos - x1 * sin

@@ -44,6 +44,8 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions):
         return build_hybrid_weights(gf, cfg, opts, plan_from_options(gf, cfg, opts))
     if opts.compute == "reference":
         return FloatWeights(gf, lambda layer: FloatExperts(*expert_refs(gf, layer)))
+    if not opts.cpu_kernels:
+        return RoundedWeights(gf, lambda layer: RoundedFloatExperts(*expert_refs(gf, layer)), kernels=False)
     numa = numa_executor(opts)
 
     def experts(layer: int):

@@ -124,11 +124,94 @@ class FloatWeights:
         return self._experts_factory(layer)
 
 
+class KernelLinear:
+    """A quantized matrix read in place from the mapped file (raw blocks [out, row_bytes]).
+
+    Few tokens (decode): the VNNI integer kernels on the raw blocks, activations quantized to
+    Q8_K/Q8_0 as llama.cpp does. Many tokens (prefill, >= TORCH_MIN_TOKENS): the matrix is
+    dequantized for the call and multiplied by torch in float32, the activations rounded the same
+    way first (bf16 here was ~1.35x faster but left llama.cpp's noise band). No float copy is kept.
+    """
+
+    __slots__ = ("raw", "ggml_type")
+
+    def __init__(self, raw: np.ndarray, ggml_type):
+        self.raw, self.ggml_type = raw, ggml_type
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
+        from hybrid_runtime.quant import kernels
+
+        if x.shape[0] < TORCH_MIN_TOKENS:
+            xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+            return torch.from_numpy(kernels.matmul(self.ggml_type, self.raw, xs))
+        w = torch.from_numpy(kernels.dequantize_rows(self.ggml_type, self.raw))  # [out, in]
+        return round_activations(x, self.ggml_type) @ w.T
+
+
+class KernelHeadLinear:
+    """Per-head quantized matrices W [H, out, row_bytes] (MLA's attn_k_b / attn_v_b) through the
+    grouped kernel: each head is a group, each (token, head) row of x one pair."""
+
+    __slots__ = ("raw", "spec", "dense")
+
+    def __init__(self, raw: np.ndarray, ggml_type, dense):
+        from hybrid_runtime.quant.kernels import CPU_KERNELS
+
+        self.raw, self.spec, self.dense = raw, CPU_KERNELS[ggml_type], dense  # dense: the prefill path
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
+        from hybrid_runtime.quant.kernels import grouped_matmul, quantize_acts
+
+        T, H, _ = x.shape  # [T, H, in]
+        if T >= TORCH_MIN_TOKENS:
+            return self.dense()(x)
+        acts = quantize_acts(self.spec.act, np.ascontiguousarray(x.detach().numpy().reshape(T * H, -1)))
+        pair_token = (np.arange(T)[None, :] * H + np.arange(H)[:, None]).reshape(-1)  # head-major pairs
+        offsets = np.arange(0, H * T + 1, T, dtype=np.int64)
+        out = np.empty((H * T, self.raw.shape[1]), np.float32)
+        grouped_matmul(self.spec, self.raw, np.arange(H, dtype=np.int64), offsets, pair_token, acts, out)
+        return torch.from_numpy(out.reshape(H, T, -1).transpose(1, 0, 2).copy())  # [T, H, out]
+
+
+class RowEmbedding:
+    """Embedding rows dequantized on lookup (the table stays quantized in the mapped file)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.ref.data[ids.numpy()]  # [T, row_bytes] (or [T, D] for float tables)
+        return to_torch(get_format(self.ref.ggml_type).dequantize(rows))
+
+
 class RoundedWeights(FloatWeights):
-    """The default CPU path: dequantized weights, activations rounded exactly as llama.cpp does."""
+    """The default CPU path: quantized matrices through the CPU kernels (KernelLinear) where a
+    kernel exists, else dequantized weights with activations rounded exactly as llama.cpp does."""
 
-    def linear(self, name: str) -> Linear:
-        return RoundedLinear(self.matrix(name), self.gf.tensor(name).ggml_type)
+    def __init__(self, gf: GGUFModelFile, experts_factory: Callable[[int], ExpertsFn], kernels: bool = True):
+        super().__init__(gf, experts_factory)
+        self.kernels = kernels
 
-    def head_linear(self, name: str) -> HeadLinear:
-        return RoundedHeadLinear(self.matrix(name), self.gf.tensor(name).ggml_type)
+    def linear(self, name: str):
+        from hybrid_runtime.quant.kernels import CPU_KERNELS
+
+        ref = self.gf.tensor(name)
+        if self.kernels and ref.ggml_type in CPU_KERNELS and ref.data.ndim == 2:
+            return KernelLinear(ref.data, ref.ggml_type)
+        return RoundedLinear(self.matrix(name), ref.ggml_type)
+
+    def head_linear(self, name: str):
+        from hybrid_runtime.quant.kernels import CPU_KERNELS
+
+        ref = self.gf.tensor(name)
+        dense = lambda: RoundedHeadLinear(self.matrix(name), ref.ggml_type)  # noqa: E731
+        if self.kernels and ref.ggml_type in CPU_KERNELS and ref.data.ndim == 3:
+            return KernelHeadLinear(ref.data, ref.ggml_type, dense)
+        return dense()
+
+    def embedding(self, name: str) -> RowEmbedding:
+        return RowEmbedding(self.gf.tensor(name))
