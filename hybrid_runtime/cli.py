@@ -47,8 +47,8 @@ def user_errors(fn):
 def _load(model: Path, compute: str, threads: Optional[int], n_ctx: Optional[int] = None, **more):
     from hybrid_runtime import load
 
-    with console.status(f"loading {model.name} ..."):
-        return load(model, compute=compute, threads=threads, n_ctx=n_ctx, **more)
+    err.print(f"[dim]loading {model.name} ...[/dim]")
+    return load(model, compute=compute, threads=threads, n_ctx=n_ctx, progress=True, **more)
 
 
 ModelArg = typer.Argument(..., help="GGUF model file (the first part of a split model)")
@@ -77,9 +77,10 @@ def generate(
     compute: str = ComputeOpt,
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length"),
     numa_config: Optional[str] = NumaOpt,
+    expert_store: str = typer.Option("mmap", "--expert-store", help="mmap (in place, faulted in at load), lazy, or hugepages (copied)"),
 ):
     """Stream a completion of PROMPT and print prompt and generation tokens/s."""
-    m = _load(model, compute, threads, n_ctx, numa_config=numa_config)
+    m = _load(model, compute, threads, n_ctx, numa_config=numa_config, expert_store=expert_store)
     console.print(f"[dim]placement: {m.placement_summary()}[/dim]")
     ids = m.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else m.tokenize(prompt)
     console.print(f"[dim]{m.config.arch} · {m.file.path.name} · {len(ids)} prompt tokens[/dim]")

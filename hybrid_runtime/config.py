@@ -117,7 +117,8 @@ class RuntimeOptions:
     expert_profile: str | None = None  # JSON routing profile: warm the GPU expert cache at start
     record_routing: str | None = None  # append every token's expert ids per layer to this file
     speculative_prefetch: bool = False  # prefetch layer L+1's likely experts from layer L's hidden state
-    expert_store: str = "mmap"  # "mmap" (read in place) | "hugepages" (copy into madvised memory)
+    expert_store: str = "mmap"  # "mmap" (in place, faulted in at load) | "lazy" | "hugepages" (copied)
+    progress: bool = False  # progress bars while loading (the CLI turns them on)
     cpu_kernels: bool = True  # False: quantized matmuls as float emulation of the same rounding (slow)
 
     def validate(self) -> "RuntimeOptions":
@@ -131,6 +132,6 @@ class RuntimeOptions:
             raise InvalidRequestError("prefill_chunk must be at least 1")
         if self.device not in ("auto", "cpu", "cuda", "hybrid"):
             raise InvalidRequestError(f"device must be auto, cpu, cuda or hybrid, not {self.device!r}")
-        if self.expert_store not in ("mmap", "hugepages"):
-            raise InvalidRequestError(f"expert_store must be mmap or hugepages, not {self.expert_store!r}")
+        if self.expert_store not in ("mmap", "lazy", "hugepages"):
+            raise InvalidRequestError(f"expert_store must be mmap, lazy or hugepages, not {self.expert_store!r}")
         return self

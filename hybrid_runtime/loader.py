@@ -47,9 +47,10 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions):
     if not opts.cpu_kernels:
         return RoundedWeights(gf, lambda layer: RoundedFloatExperts(*expert_refs(gf, layer)), kernels=False)
     numa = numa_executor(opts)
+    stored = prepared_expert_refs(gf, cfg, opts)
 
     def experts(layer: int):
-        refs = expert_refs(gf, layer)
+        refs = stored[layer]
         if kernel_types_supported(refs):
             return CpuQuantExperts(*refs, layer=layer, numa=numa)
         return RoundedFloatExperts(*refs)  # types without a kernel (Q4_0, Q5_0, F16, ...)
@@ -67,3 +68,12 @@ def numa_executor(opts: RuntimeOptions):
 
     cfg = load_numa_config(opts.numa_config)
     return NumaExpertExecutor(discover(), cfg.placement, cfg.threads_per_node)
+
+
+def prepared_expert_refs(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, layers=None) -> dict:
+    """Every MoE layer's expert tensors after the expert store has faulted them in or copied them."""
+    from hybrid_runtime.experts import store
+
+    layers = [l for l in range(cfg.n_layer) if cfg.is_moe_layer(l)] if layers is None else layers
+    refs, _ = store.prepare({l: expert_refs(gf, l) for l in layers}, opts.expert_store, opts.progress)
+    return refs

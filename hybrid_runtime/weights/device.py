@@ -150,7 +150,11 @@ def build_hybrid_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptio
         device = torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     moe_layers = [l for l in range(cfg.n_layer) if cfg.is_moe_layer(l)]
+    from hybrid_runtime.loader import prepared_expert_refs
+
+    cpu_layers = [l for l in moe_layers if plan.expert_layers.get(l) != "gpu"]
     refs = {l: expert_refs(gf, l) for l in moe_layers}
+    refs.update(prepared_expert_refs(gf, cfg, opts, cpu_layers))  # the CPU share, faulted in or copied
     cache = _make_cache(plan, refs, cfg, device, opts)
     recorder = RoutingRecorder(getattr(opts, "record_routing")) if getattr(opts, "record_routing", None) else None
     speculate_on = bool(getattr(opts, "speculative_prefetch", False))
