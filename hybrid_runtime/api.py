@@ -30,10 +30,16 @@ class Model:
         self.n_ctx = min(options.n_ctx or min(config.n_ctx_train, _DEFAULT_CTX), config.n_ctx_train)
         self.last_stats: Stats | None = None
         self.yarn_betas: tuple[float, float] = config.default_yarn_betas
+        self.net_weights = None  # the weight provider (placement, NUMA executor)
 
     @property
     def n_vocab(self) -> int:
         return self.config.n_vocab
+
+    def memory_report(self) -> list[str]:
+        """Routed-expert bytes per NUMA node (planned and resident) when a NUMA config is in use."""
+        numa = getattr(self.net_weights, "numa", None)
+        return numa.memory_report().lines() if numa is not None else []
 
     def placement_summary(self) -> str:
         """One line: where the weights and the routed experts run."""
@@ -120,7 +126,9 @@ def load(path: str | Path, **options) -> Model:
     betas = (opts.yarn_beta_fast if opts.yarn_beta_fast is not None else beta_fast,
              opts.yarn_beta_slow if opts.yarn_beta_slow is not None else beta_slow)
     rope = Rope(cfg.qk_rope, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx, *betas)
-    net = arch.DeepSeek2(cfg, build_weights(gf, cfg, opts), rope)
+    weights = build_weights(gf, cfg, opts)
+    net = arch.DeepSeek2(cfg, weights, rope)
     model = Model(gf, cfg, net, tokenizer, opts)
+    model.net_weights = weights
     model.yarn_betas = betas
     return model

@@ -82,6 +82,8 @@ def generate(
     """Stream a completion of PROMPT and print prompt and generation tokens/s."""
     m = _load(model, compute, threads, n_ctx, numa_config=numa_config, expert_store=expert_store)
     console.print(f"[dim]placement: {m.placement_summary()}[/dim]")
+    for line in m.memory_report():
+        console.print(f"[dim]{line}[/dim]")
     ids = m.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else m.tokenize(prompt)
     console.print(f"[dim]{m.config.arch} · {m.file.path.name} · {len(ids)} prompt tokens[/dim]")
     sys.stdout.write(prompt if not chat else "")

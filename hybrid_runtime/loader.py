@@ -55,7 +55,9 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions):
             return CpuQuantExperts(*refs, layer=layer, numa=numa)
         return RoundedFloatExperts(*refs)  # types without a kernel (Q4_0, Q5_0, F16, ...)
 
-    return RoundedWeights(gf, experts)
+    weights = RoundedWeights(gf, experts)
+    weights.numa = numa  # for the memory report after load
+    return weights
 
 
 def numa_executor(opts: RuntimeOptions):
