@@ -269,7 +269,8 @@ def _bench_model(model, threads, compare, as_json, plot, what, n_prompt, n_gen, 
         if "llama_cpp" in d:
             line += f", llama.cpp {d['llama_cpp']['tokens_per_s']:.1f} t/s, ratio {d['ratio']:.2f}x"
         if kind == "decode":
-            line += f"  ({1e6 * d['ours']['per_layer_s']:.0f} µs/layer at context {d['context']})"
+            line += (f"  ({1e6 * d['ours']['per_layer_s']:.0f} µs/layer, of which "
+                     f"{1e6 * d['ours']['overhead_per_layer_s']:.0f} µs outside the kernels; context {d['context']})")
         console.print(line + f"  [{threads} threads]")
 
 

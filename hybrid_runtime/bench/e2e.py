@@ -32,7 +32,23 @@ def ours_decode(model, n_prompt: int, n_gen: int) -> dict:
         times.append(time.perf_counter() - t0)
         token = int(np.argmax(logits[-1]))
     step = float(np.median(times))
-    return {"tokens_per_s": 1.0 / step, "step_s": step, "per_layer_s": step / model.config.n_layer}
+    n_layer = model.config.n_layer
+    return {"tokens_per_s": 1.0 / step, "step_s": step, "per_layer_s": step / n_layer,
+            "overhead_per_layer_s": decode_overhead(model, cache, token, n_gen) / n_layer}
+
+
+def decode_overhead(model, cache, token: int, n_steps: int) -> float:
+    """Median (step time - time inside the compute kernels): Python and small-op overhead per step."""
+    from hybrid_runtime.bench.timing import kernel_timer
+
+    rest = []
+    with kernel_timer() as spent:
+        for _ in range(n_steps):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            model.forward([token], cache)
+            rest.append(time.perf_counter() - t0 - spent[0])
+    return float(np.median(rest))
 
 
 def ours_prefill(model, n_prompt: int, repeats: int = 2) -> dict:
