@@ -100,7 +100,10 @@ class CpuQuantExperts(SyncExperts):
     def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef, layer: int = 0, numa=None):
         from hybrid_runtime.experts import moe_cpu
 
+        from hybrid_runtime.experts import prefill
+
         self.layer, self.numa = layer, numa
+        self._moe, self._prefill, self._min_tokens = moe_cpu.moe_forward, prefill.prefill_forward, prefill.TORCH_MIN_TOKENS
         self.weights = moe_cpu.ExpertWeights(gate.data, up.data, down.data, gate.ggml_type, up.ggml_type,
                                              down.ggml_type, n_expert=gate.shape[0], n_ff=gate.shape[1],
                                              hidden=gate.shape[2])
@@ -113,18 +116,15 @@ class CpuQuantExperts(SyncExperts):
         return f"Numba kernels {w.gate_type.name}/{w.up_type.name}/{w.down_type.name}, {where}"
 
     def __call__(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from hybrid_runtime.experts.moe_cpu import moe_forward
-        from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS, prefill_forward
-
         x = np.ascontiguousarray(h.detach().float().cpu().numpy())  # [T, D]
         i = ids.cpu().numpy()
         w = weights.detach().float().cpu().numpy()
         if self.numa is not None:
             out = self.numa.forward(self.layer, x, i, w)
-        elif x.shape[0] >= TORCH_MIN_TOKENS:
-            out = prefill_forward(x, i, w, self.weights)
+        elif x.shape[0] >= self._min_tokens:
+            out = self._prefill(x, i, w, self.weights)
         else:
-            out = moe_forward(x, i, w, self.weights)
+            out = self._moe(x, i, w, self.weights)
         return torch.from_numpy(out).to(h.device)
 
 

@@ -20,6 +20,7 @@ from hybrid_runtime.plan import PlacementPlan
 from hybrid_runtime.quant.act_quant import round_activations
 from hybrid_runtime.quant.torch_dequant import dequantize
 from hybrid_runtime.weights.gguf_file import GGUFModelFile, TensorRef
+from hybrid_runtime.weights.provider import HeadLinear, RoundedHeadLinear
 
 # QuantLinear dequantizes at most this many weight elements at once (the head of K2 is 1.2 G):
 # scratch = DEQUANT_CHUNK_ELEMS * (4 + 2) bytes, well inside plan.RUNTIME_RESERVE.
@@ -63,20 +64,6 @@ class HostLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.to("cpu", torch.float32) @ self.weight.T).to(x.device, x.dtype)
-
-
-class DeviceHeadLinear:
-    """Per-head matrices: x [T, H, in] -> [T, H, out] with W [H, out, in] (float32 on the device)."""
-
-    __slots__ = ("weight", "ggml_type")
-
-    def __init__(self, weight: torch.Tensor, ggml_type=None):
-        self.weight, self.ggml_type = weight, ggml_type  # ggml_type set: round activations as llama.cpp
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ggml_type is not None:
-            x = round_activations(x, self.ggml_type)
-        return torch.einsum("thi,hoi->tho", x, self.weight)
 
 
 class RawEmbedding:
@@ -128,11 +115,13 @@ class DeviceWeights:
         host = dequantize(torch.from_numpy(np.array(ref.data, copy=True)), ref.ggml_type, torch.float32)
         return HostLinear(host)
 
-    def head_linear(self, name: str) -> DeviceHeadLinear:
-        return DeviceHeadLinear(self.matrix(name), self.gf.tensor(name).ggml_type if self.round_act else None)
+    def head_linear(self, name: str) -> HeadLinear:
+        if self.round_act:
+            return RoundedHeadLinear(self.matrix(name), self.gf.tensor(name).ggml_type)
+        return HeadLinear(self.matrix(name))
 
-    def head_linear_from(self, weight: torch.Tensor) -> DeviceHeadLinear:
-        return DeviceHeadLinear(weight.to(self.device))
+    def head_linear_from(self, weight: torch.Tensor) -> HeadLinear:
+        return HeadLinear(weight.to(self.device))
 
     def embedding(self, name: str) -> RawEmbedding:
         ref = self.gf.tensor(name)

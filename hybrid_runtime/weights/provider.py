@@ -133,19 +133,19 @@ class KernelLinear:
     way first (bf16 here was ~1.35x faster but left llama.cpp's noise band). No float copy is kept.
     """
 
-    __slots__ = ("raw", "ggml_type")
+    __slots__ = ("raw", "ggml_type", "_k", "_min_tokens")
 
     def __init__(self, raw: np.ndarray, ggml_type):
-        self.raw, self.ggml_type = raw, ggml_type
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
+        from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS  # the measured crossover
         from hybrid_runtime.quant import kernels
 
-        if x.shape[0] < TORCH_MIN_TOKENS:
+        self.raw, self.ggml_type, self._k, self._min_tokens = raw, ggml_type, kernels, TORCH_MIN_TOKENS
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self._min_tokens:
             xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
-            return torch.from_numpy(kernels.matmul(self.ggml_type, self.raw, xs))
-        w = torch.from_numpy(kernels.dequantize_rows(self.ggml_type, self.raw))  # [out, in]
+            return torch.from_numpy(self._k.matmul(self.ggml_type, self.raw, xs))
+        w = torch.from_numpy(self._k.dequantize_rows(self.ggml_type, self.raw))  # [out, in]
         return round_activations(x, self.ggml_type) @ w.T
 
 
@@ -153,25 +153,24 @@ class KernelHeadLinear:
     """Per-head quantized matrices W [H, out, row_bytes] (MLA's attn_k_b / attn_v_b) through the
     grouped kernel: each head is a group, each (token, head) row of x one pair."""
 
-    __slots__ = ("raw", "spec", "dense")
+    __slots__ = ("raw", "spec", "dense", "_k", "_min_tokens")
 
     def __init__(self, raw: np.ndarray, ggml_type, dense):
-        from hybrid_runtime.quant.kernels import CPU_KERNELS
+        from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
+        from hybrid_runtime.quant import kernels
 
-        self.raw, self.spec, self.dense = raw, CPU_KERNELS[ggml_type], dense  # dense: the prefill path
+        self.raw, self.spec, self.dense, self._k = raw, kernels.CPU_KERNELS[ggml_type], dense, kernels
+        self._min_tokens = TORCH_MIN_TOKENS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
-        from hybrid_runtime.quant.kernels import grouped_matmul, quantize_acts
-
         T, H, _ = x.shape  # [T, H, in]
-        if T >= TORCH_MIN_TOKENS:
+        if T >= self._min_tokens:
             return self.dense()(x)
-        acts = quantize_acts(self.spec.act, np.ascontiguousarray(x.detach().numpy().reshape(T * H, -1)))
+        acts = self._k.quantize_acts(self.spec.act, np.ascontiguousarray(x.detach().numpy().reshape(T * H, -1)))
         pair_token = (np.arange(T)[None, :] * H + np.arange(H)[:, None]).reshape(-1)  # head-major pairs
         offsets = np.arange(0, H * T + 1, T, dtype=np.int64)
         out = np.empty((H * T, self.raw.shape[1]), np.float32)
-        grouped_matmul(self.spec, self.raw, np.arange(H, dtype=np.int64), offsets, pair_token, acts, out)
+        self._k.grouped_matmul(self.spec, self.raw, np.arange(H, dtype=np.int64), offsets, pair_token, acts, out)
         return torch.from_numpy(out.reshape(H, T, -1).transpose(1, 0, 2).copy())  # [T, H, out]
 
 
