@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from hybrid_runtime import cli_options as opt
+
 from hybrid_runtime.chat_format import StreamParser, prompt_opens_think
 from hybrid_runtime.engine.generate import Stats
 from hybrid_runtime.engine.sampling import SamplingParams
@@ -364,12 +366,20 @@ def chat_command(
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=1, help="Context length in tokens."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: all cores)."),
     compute: str = typer.Option("fast", "--compute", help="'fast' (quantized CPU experts) or 'reference' (exact float path)."),
+    numa_config: Optional[str] = opt.NumaConfig,
+    expert_store: str = opt.ExpertStore,
+    device: str = opt.Device,
+    gpu_mem: Optional[str] = opt.GpuMem,
+    cpu_moe: bool = opt.CpuMoe,
+    n_cpu_moe: Optional[int] = opt.NCpuMoe,
+    override: list[str] = opt.Override,
 ) -> None:
     """Chat with MODEL in the terminal."""
     from hybrid_runtime.engine.scheduler import Engine
 
     options = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads), ("compute", compute)) if v is not None}
     try:
+        options.update(opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
         params = SamplingParams(temperature=temp, top_p=top_p, seed=seed, max_tokens=1 << 30).validate()
         m = _load_model(model, options)
     except HybridError as e:

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hybrid_runtime import cli_options as opt
 from hybrid_runtime.errors import HybridError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -76,11 +77,17 @@ def generate(
     threads: Optional[int] = ThreadsOpt,
     compute: str = ComputeOpt,
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length"),
-    numa_config: Optional[str] = NumaOpt,
-    expert_store: str = typer.Option("mmap", "--expert-store", help="mmap (in place, faulted in at load), lazy, or hugepages (copied)"),
+    numa_config: Optional[str] = opt.NumaConfig,
+    expert_store: str = opt.ExpertStore,
+    device: str = opt.Device,
+    gpu_mem: Optional[str] = opt.GpuMem,
+    cpu_moe: bool = opt.CpuMoe,
+    n_cpu_moe: Optional[int] = opt.NCpuMoe,
+    override: list[str] = opt.Override,
 ):
     """Stream a completion of PROMPT and print prompt and generation tokens/s."""
-    m = _load(model, compute, threads, n_ctx, numa_config=numa_config, expert_store=expert_store)
+    m = _load(model, compute, threads, n_ctx,
+              **opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
     console.print(f"[dim]placement: {m.placement_summary()}[/dim]")
     for line in m.memory_report():
         console.print(f"[dim]{line}[/dim]")

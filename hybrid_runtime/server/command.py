@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from hybrid_runtime import cli_options as opt
+
 
 def serve_command(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True, help="GGUF model file (first part of a split model)."),
@@ -19,15 +21,28 @@ def serve_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the expert kernels (default: all cores)."),
     max_queue: int = typer.Option(16, "--max-queue", min=0, help="Requests that may wait behind the running one; more get HTTP 503."),
     compute: str = typer.Option("fast", "--compute", help="'fast' (quantized CPU experts) or 'reference' (exact float path)."),
+    numa_config: Optional[str] = opt.NumaConfig,
+    expert_store: str = opt.ExpertStore,
+    device: str = opt.Device,
+    gpu_mem: Optional[str] = opt.GpuMem,
+    cpu_moe: bool = opt.CpuMoe,
+    n_cpu_moe: Optional[int] = opt.NCpuMoe,
+    override: list[str] = opt.Override,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
     import uvicorn
 
+    from hybrid_runtime.errors import HybridError
     from hybrid_runtime.server.app import ServerConfig, create_app
 
     if compute not in ("fast", "reference"):
         raise typer.BadParameter("must be 'fast' or 'reference'", param_hint="--compute")
     options = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads), ("compute", compute)) if v is not None}
+    try:
+        options.update(opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
+    except HybridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1)
     cfg = ServerConfig(str(model), model_name, api_key, options, max_queue)
     failed: list[str] = []
     server: uvicorn.Server | None = None
