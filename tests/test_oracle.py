@@ -76,7 +76,7 @@ def test_fast_path_within_llama_cpp_spread(tiny, preset, quant, kw):
     path, _ = tiny(preset, quant, **kw)
     fast, emulated = hr.load(path), hr.load(path, cpu_kernels=False)
     rng = np.random.default_rng()
-    seqs = [rng.integers(0, fast.n_vocab, 64).tolist() for _ in range(6)]
+    seqs = [rng.integers(0, fast.n_vocab, 64).tolist() for _ in range(12)]
     ours, big, one = _logits_over({"fast": fast, "emulated": emulated}, path, seqs, fast.yarn_betas)
     spread = max(rel_l2(one, big), rel_l2(ours["emulated"], ours["fast"]))
     miss_spread = max(1 - top1_agreement(one, big), 1 - top1_agreement(ours["emulated"], ours["fast"]))
@@ -158,7 +158,7 @@ def test_hybrid_path_within_llama_cpp_spread(tiny, preset, quant):
     assert cache is not None and cache.pool.shape[0] > 0
     models = {"hybrid": hybrid, "fast": hr.load(path), "emulated": hr.load(path, cpu_kernels=False)}
     rng = np.random.default_rng()
-    seqs = [rng.integers(0, hybrid.n_vocab, 64).tolist() for _ in range(6)]
+    seqs = [rng.integers(0, hybrid.n_vocab, 64).tolist() for _ in range(12)]
     ours, big, one = _logits_over(models, path, seqs, hybrid.yarn_betas)
     err = rel_l2(ours["hybrid"], big)
     spread = max(rel_l2(one, big), rel_l2(ours["emulated"], ours["fast"]))
