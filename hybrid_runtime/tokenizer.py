@@ -84,10 +84,6 @@ class Tokenizer:
     def detokenize(self, ids: list[int], special: bool = False) -> str:
         return self._llama.detokenize(list(ids), special=special).decode("utf-8", errors="replace")
 
-    def is_special(self, token_id: int) -> bool:
-        t = self.token_strings[token_id] if 0 <= token_id < self.n_vocab else ""
-        return t.startswith("<|") or t.startswith("[") and t.endswith("]") or t in ("<think>", "</think>")
-
     # -- chat -----------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = True) -> str:

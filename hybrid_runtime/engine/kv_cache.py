@@ -16,8 +16,7 @@ _GROW = 256
 class LatentCache:
     def __init__(self, n_layer: int, kv_lora: int, rope: int, capacity: int, dtype=torch.float32):
         self.capacity = capacity
-        self.n_tokens = 0  # committed tokens
-        self._pending = 0  # tokens appended in the forward pass under way
+        self.n_tokens = 0  # committed tokens (a forward pass appends after them, then commits)
         self._lat = [torch.empty(0, kv_lora, dtype=dtype) for _ in range(n_layer)]
         self._pe = [torch.empty(0, rope, dtype=dtype) for _ in range(n_layer)]
 
@@ -40,12 +39,10 @@ class LatentCache:
         self._reserve(layer, end, latent.device)  # the cache lives where attention runs
         self._lat[layer][start:end] = latent
         self._pe[layer][start:end] = k_pe
-        self._pending = T
         return self._lat[layer][:end], self._pe[layer][:end]
 
     def commit(self, n: int) -> None:
         self.n_tokens += n
-        self._pending = 0
 
     def truncate(self, n: int) -> None:
         """Keep the first n tokens (prefix reuse)."""
