@@ -237,3 +237,42 @@ def test_tools_accepted_and_bad_tools_rejected(client):
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}])
+
+
+def test_keep_alive_comments_during_a_long_prefill(model_cache):
+    """While the prompt is being processed, the SSE stream sends `: keep-alive` comments."""
+    import time as _time
+
+    from fastapi.testclient import TestClient
+
+    import hybrid_runtime as hr
+    from hybrid_runtime.server.app import ServerConfig, create_app
+    from hybrid_runtime.synth import cached_model
+
+    path, _ = cached_model("kimi-k2-tiny", "Q4_K_M", model_cache)
+
+    def slow_loader(p, **opts):
+        m = hr.load(p, **opts)
+        forward = m.forward
+
+        def slow_forward(ids, cache, all_logits=False):
+            if len(ids) > 1:  # the prefill
+                _time.sleep(0.5)
+            return forward(ids, cache, all_logits)
+
+        m.forward = slow_forward
+        return m
+
+    app = create_app(ServerConfig(str(path), keepalive_s=0.05, load_options={"threads": 1}), loader=slow_loader)
+    with TestClient(app) as c:
+        for _ in range(200):
+            if c.get("/health").status_code == 200:
+                break
+            _time.sleep(0.05)
+        body = {"model": path.stem, "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": 2, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            text = "".join(r.iter_text())
+    assert r.status_code == 200
+    assert ": keep-alive" in text
+    assert text.rstrip().endswith("data: [DONE]")
