@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
 
 bench: $(STAMP)
-	$(BIN)/hybrid-runtime bench kernels
+	THREADS=$(THREADS) ./scripts/run_benchmarks.sh
 
 clean:
 	rm -rf $(VENV) models .pytest_cache
