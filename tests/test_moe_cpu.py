@@ -144,3 +144,31 @@ def test_configure_threads_sets_both_pools():
     finally:
         numba.set_num_threads(before[0])
         torch.set_num_threads(before[1])
+
+
+def test_zero_weight_pairs_are_skipped_and_change_nothing():
+    """Pairs of weight 0 (the GPU-cached experts of the hybrid path) are dropped before the kernels."""
+    from gguf import GGMLQuantizationType as QT
+
+    from hybrid_runtime.bench.kernels import random_weights
+    from hybrid_runtime.experts.moe_cpu import ExpertWeights, group_by_expert, moe_forward
+
+    rng = np.random.default_rng()
+    E, D, F, T, K = 6, 256, 256, 5, 3
+    ex = ExpertWeights(random_weights(QT.Q4_K, (E, F, D), rng), random_weights(QT.Q4_K, (E, F, D), rng),
+                       random_weights(QT.Q6_K, (E, D, F), rng), QT.Q4_K, QT.Q4_K, QT.Q6_K, E, F, D)
+    x = rng.normal(size=(T, D)).astype(np.float32)
+    ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
+    w = rng.uniform(0.1, 1, (T, K)).astype(np.float32)
+    w0 = w.copy()
+    w0[rng.random((T, K)) < 0.5] = 0.0
+    assert len(group_by_expert(ids, w0, E).pair_token) == int((w0 != 0).sum())
+    full = moe_forward(x, ids, w0, ex)
+    # the same result as computing every pair with the zeroed weights in float64
+    ref = np.zeros((T, D))
+    for t in range(T):
+        for k in range(K):
+            if w0[t, k]:
+                ref[t] += w0[t, k] * moe_forward(x[t:t + 1], ids[t:t + 1, k:k + 1], np.ones((1, 1), np.float32), ex)[0]
+    np.testing.assert_allclose(full, ref, rtol=1e-4, atol=1e-5)
+    assert not moe_forward(x, ids, np.zeros_like(w), ex).any()

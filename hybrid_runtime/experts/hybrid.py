@@ -86,8 +86,7 @@ def float_cpu_share(refs: tuple[TensorRef, TensorRef, TensorRef]) -> CpuShare:
 def quant_cpu_share(refs: tuple[TensorRef, TensorRef, TensorRef]) -> CpuShare | None:
     """The Numba kernels of experts/moe_cpu.py on the raw blocks, or None while they are absent.
 
-    Pairs resident on the GPU arrive with weight 0: moe_forward still computes them (a filter of
-    zero-weight pairs in its grouping would save that work).
+    Pairs resident on the GPU arrive with weight 0: moe_forward's grouping drops them.
     """
     try:
         from hybrid_runtime.experts import moe_cpu

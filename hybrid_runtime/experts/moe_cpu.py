@@ -40,20 +40,30 @@ class Routing:
     pair_token: np.ndarray    # [P] int64
     pair_weight: np.ndarray   # [P] float32
     pair_slot: np.ndarray     # [P] int64: t * K + k, the pair's place in the [T, K] routing
+    n_slots: int = -1         # T * K (P is smaller when zero-weight pairs were dropped)
 
 
 def group_by_expert(ids: np.ndarray, weights: np.ndarray, n_expert: int) -> Routing:
-    """Sort the [T, K] routing choices into per-expert groups."""
+    """Sort the [T, K] routing choices into per-expert groups.
+
+    Pairs of weight exactly 0 are dropped: they contribute nothing (in the hybrid path they are the
+    experts another device serves), so the kernels skip them.
+    """
     ids = np.asarray(ids, np.int64)
     flat = ids.ravel()
-    order = np.argsort(flat, kind="stable")
+    w = np.asarray(weights, np.float32).ravel()
+    zero = w == 0
+    if zero.any():
+        keep = np.flatnonzero(~zero)
+        order = keep[np.argsort(flat[keep], kind="stable")]
+    else:
+        order = np.argsort(flat, kind="stable")
     experts, counts = np.unique(flat[order], return_counts=True)
     if len(experts) and (experts[0] < 0 or experts[-1] >= n_expert):  # the kernels do not bound-check
         raise HybridError(f"expert ids must lie in [0, {n_expert}), got {experts[0]}..{experts[-1]}.")
     offsets = np.zeros(len(experts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    pair_weight = np.asarray(weights, np.float32).ravel()[order]
-    return Routing(experts.astype(np.int64), offsets, order // ids.shape[1], pair_weight, order)
+    return Routing(experts.astype(np.int64), offsets, order // ids.shape[1], w[order], order, flat.size)
 
 
 def _check_range(ff_range, experts: ExpertWeights) -> tuple[int, int]:
@@ -142,7 +152,9 @@ def check_input(x: np.ndarray, experts: ExpertWeights, ff_range) -> tuple[np.nda
 
 def scatter_pairs(out: np.ndarray | None, n_tok: int, route: Routing, y: np.ndarray) -> np.ndarray:
     """out[t] += sum over the K pairs p of token t of pair_weight[p] * y[p]."""
-    by_slot = np.empty_like(y)                                   # [T*K, D] in routing order
+    n_slots = route.n_slots if route.n_slots >= 0 else len(route.pair_slot)
+    full = len(route.pair_slot) == n_slots
+    by_slot = (np.empty if full else np.zeros)((n_slots, y.shape[1]), np.float32)  # [T*K, D]
     by_slot[route.pair_slot] = y * route.pair_weight[:, None]
     total = by_slot.reshape(n_tok, -1, y.shape[1]).sum(axis=1)   # [T, D]
     if out is None:
@@ -162,4 +174,6 @@ def moe_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: Ex
     """
     x, f0, f1 = check_input(x, experts, ff_range)
     route = group_by_expert(ids, weights, experts.n_expert)
+    if not len(route.pair_token):  # every pair has weight 0
+        return out if out is not None else np.zeros_like(x)
     return scatter_pairs(out, x.shape[0], route, expert_pairs_forward(x, route, experts, f0, f1))
