@@ -32,7 +32,7 @@ def _llama(path, **kw):
 
 def _eval_logits(path) -> np.ndarray:
     model = _llama(path, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    tokens = np.random.default_rng().integers(0, 2000, size=6).tolist()
+    tokens = np.random.default_rng().integers(0, 2000, size=16).tolist()
     model.eval(tokens)
     return np.array(model.scores[: len(tokens)])
 
@@ -52,9 +52,11 @@ def _fields(path) -> dict:
 def test_preset_loads_and_evaluates_in_llama_cpp(tmp_path, preset, kw):
     path = make_tiny_model(preset, "Q4_0", tmp_path / "m.gguf", seed=1, **kw)
     logits = _eval_logits(path)
-    assert logits.shape == (6, 2048) and np.isfinite(logits).all()
+    assert logits.shape == (16, 2048) and np.isfinite(logits).all()
     assert logits.std(axis=1).min() > 0.5            # a real spread, not a constant
-    assert len(set(logits.argmax(axis=1).tolist())) > 1
+    # the output depends on the input: consecutive positions give clearly different logits
+    # (a deep random net may still prefer one token everywhere, so argmaxes are no test)
+    assert np.abs(np.diff(logits, axis=0)).mean(axis=1).min() > 0.05
 
 
 @pytest.mark.parametrize("kv_layout", ["split", "combined"])
