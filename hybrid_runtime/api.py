@@ -25,12 +25,13 @@ _DEFAULT_CTX = 8192
 class Model:
     """A loaded model: tokenizer, network and options. Not thread-safe: one caller at a time."""
 
-    def __init__(self, gf: GGUFModelFile, config: ModelConfig, net, tokenizer: Tokenizer, options: RuntimeOptions):
+    def __init__(self, gf: GGUFModelFile, config: ModelConfig, net, tokenizer: Tokenizer, options: RuntimeOptions,
+                 net_weights=None, yarn_betas: tuple[float, float] | None = None):
         self.file, self.config, self.net, self.tokenizer, self.options = gf, config, net, tokenizer, options
+        self.net_weights = net_weights  # the weight provider (placement, NUMA executor)
+        self.yarn_betas = yarn_betas or config.default_yarn_betas
         self.n_ctx = min(options.n_ctx or min(config.n_ctx_train, _DEFAULT_CTX), config.n_ctx_train)
         self.last_stats: Stats | None = None
-        self.yarn_betas: tuple[float, float] = config.default_yarn_betas
-        self.net_weights = None  # the weight provider (placement, NUMA executor)
 
     @property
     def n_vocab(self) -> int:
@@ -128,7 +129,4 @@ def load(path: str | Path, **options) -> Model:
     rope = Rope(cfg.qk_rope, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx, *betas)
     weights = build_weights(gf, cfg, opts)
     net = arch.DeepSeek2(cfg, weights, rope)
-    model = Model(gf, cfg, net, tokenizer, opts)
-    model.net_weights = weights
-    model.yarn_betas = betas
-    return model
+    return Model(gf, cfg, net, tokenizer, opts, net_weights=weights, yarn_betas=betas)

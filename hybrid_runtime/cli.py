@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -121,7 +122,7 @@ def inspect_summary(gf, cfg) -> dict:
         type_bytes[t.ggml_type.name] += t.n_bytes
         if "_exps" in t.name:
             expert_bytes += t.n_bytes
-    params = sum(int(__import__("math").prod(t.shape)) for t in gf.tensors.values())
+    params = sum(math.prod(t.shape) for t in gf.tensors.values())
     return {
         "file": str(gf.path), "parts": len(gf.parts), "architecture": cfg.arch, "name": cfg.name,
         "parameters": params, "bytes": gf.n_bytes, "routed_expert_bytes": expert_bytes,

@@ -8,7 +8,7 @@ import torch
 
 from hybrid_runtime.config import ModelConfig, RuntimeOptions
 from hybrid_runtime.errors import InvalidRequestError
-from hybrid_runtime.experts.backends import (CpuQuantExperts, FloatExperts, RoundedFloatExperts, expert_refs,
+from hybrid_runtime.experts.backends import (CpuQuantExperts, FloatExperts, expert_refs,
                                              kernel_types_supported)
 from hybrid_runtime.quant.registry import get_format
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
@@ -45,7 +45,8 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions):
     if opts.compute == "reference":
         return FloatWeights(gf, lambda layer: FloatExperts(*expert_refs(gf, layer)))
     if not opts.cpu_kernels:
-        return RoundedWeights(gf, lambda layer: RoundedFloatExperts(*expert_refs(gf, layer)), kernels=False)
+        return RoundedWeights(gf, lambda layer: FloatExperts(*expert_refs(gf, layer), round_act=True),
+                              kernels=False)
     numa = numa_executor(opts)
     stored = prepared_expert_refs(gf, cfg, opts)
 
@@ -53,7 +54,7 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions):
         refs = stored[layer]
         if kernel_types_supported(refs):
             return CpuQuantExperts(*refs, layer=layer, numa=numa)
-        return RoundedFloatExperts(*refs)  # types without a kernel (Q4_0, Q5_0, F16, ...)
+        return FloatExperts(*refs, round_act=True)  # types without a kernel (Q4_0, Q5_0, F16, ...)
 
     weights = RoundedWeights(gf, experts)
     weights.numa = numa  # for the memory report after load

@@ -16,7 +16,7 @@ def kernel_timer():
     from hybrid_runtime.weights import provider
 
     classes = [provider.KernelLinear, provider.KernelHeadLinear, provider.RoundedLinear,
-               provider.RoundedHeadLinear, backends.CpuQuantExperts, backends.RoundedFloatExperts]
+               provider.RoundedHeadLinear, backends.CpuQuantExperts, backends.FloatExperts]
     spent = [0.0]
     originals = {cls: cls.__call__ for cls in classes}
 

@@ -54,10 +54,15 @@ class SyncExperts:
 
 
 class FloatExperts(SyncExperts):
-    """Exact float32 experts, dequantized lazily per expert."""
+    """Float32 experts, dequantized lazily per expert.
 
-    def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef):
+    round_act=False: the exact reference path. True: llama.cpp's activation rounding (x for gate/up,
+    the product for down), the emulation used for types without a CPU kernel.
+    """
+
+    def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef, round_act: bool = False):
         self.refs = (gate, up, down)
+        self.round_act = round_act
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,29 +70,17 @@ class FloatExperts(SyncExperts):
             self._cache[e] = tuple(to_torch(get_format(r.ggml_type).dequantize(r.data[e])) for r in self.refs)
         return self._cache[e]
 
+    def _round(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return round_activations(x, self.refs[i].ggml_type) if self.round_act else x
+
     def __call__(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(h)  # [T, D]
+        xg, xu = self._round(h, 0), self._round(h, 1)
         for e in ids.unique().tolist():
             tok, slot = (ids == e).nonzero(as_tuple=True)
             gate, up, down = self.weights(e)  # [F, D], [F, D], [D, F]
-            x = h[tok]
-            y = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T  # [t, D]
-            out.index_add_(0, tok, y * weights[tok, slot, None])
-        return out
-
-
-class RoundedFloatExperts(FloatExperts):
-    """Float experts with llama.cpp's activation rounding (x for gate/up, the product for down)."""
-
-    def __call__(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        gate_t, up_t, down_t = (r.ggml_type for r in self.refs)
-        out = torch.zeros_like(h)  # [T, D]
-        xg, xu = round_activations(h, gate_t), round_activations(h, up_t)
-        for e in ids.unique().tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            gate, up, down = self.weights(e)
             mid = F.silu(xg[tok] @ gate.T) * (xu[tok] @ up.T)  # [t, F]
-            y = round_activations(mid, down_t) @ down.T
+            y = self._round(mid, 2) @ down.T  # [t, D]
             out.index_add_(0, tok, y * weights[tok, slot, None])
         return out
 

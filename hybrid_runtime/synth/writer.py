@@ -110,13 +110,7 @@ def write_streaming(path: Path, fill_metadata: Callable[[gguf.GGUFWriter], None]
 
     `produce` returns the tensor as one array or as an iterable of byte chunks.
     """
-    w = gguf.GGUFWriter(path, ARCH)
-    fill_metadata(w)
-    _declare(w, plan)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    fout = w.fout[0]
+    w, fout = _write_header(path, fill_metadata, plan)
     for t in plan:
         w.write_padding(fout, fout.tell())
         data = produce(t)
@@ -133,18 +127,24 @@ def write_streaming(path: Path, fill_metadata: Callable[[gguf.GGUFWriter], None]
 def write_header_only(path: Path, fill_metadata: Callable[[gguf.GGUFWriter], None],
                       plan: Sequence[PlannedTensor]) -> int:
     """Write header and tensor infos, then extend the file to its full size as a sparse hole."""
+    w, fout = _write_header(path, fill_metadata, plan)
+    fout.flush()
+    total = _pad(fout.tell(), w.data_alignment) + sum(_pad(t.nbytes, w.data_alignment) for t in plan)
+    fout.truncate(total)
+    w.close()
+    return total
+
+
+def _write_header(path: Path, fill_metadata: Callable[[gguf.GGUFWriter], None],
+                  plan: Sequence[PlannedTensor]):
+    """Metadata, header and tensor infos written; returns the writer and its open file."""
     w = gguf.GGUFWriter(path, ARCH)
     fill_metadata(w)
     _declare(w, plan)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    fout = w.fout[0]
-    fout.flush()
-    total = _pad(fout.tell(), w.data_alignment) + sum(_pad(t.nbytes, w.data_alignment) for t in plan)
-    fout.truncate(total)
-    w.close()
-    return total
+    return w, w.fout[0]
 
 
 def _declare(w: gguf.GGUFWriter, plan: Iterable[PlannedTensor]) -> None:
