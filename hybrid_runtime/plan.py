@@ -31,6 +31,10 @@ CUDA_FREE_MARGIN = 512 << 20
 RAM_MARGIN = 4 * GIB
 KV_BYTES_PER_VALUE = 2  # bf16 latent cache on the GPU
 DEFAULT_N_CTX = 8192
+# Expert buffers for layerwise prefill offload (experts/stream.py): uploads run this many experts
+# ahead of the GPU compute, across layer boundaries. Taken before the hot-expert cache slots;
+# fewer than 2 cannot overlap an upload with compute, so then none (offload off).
+PREFILL_RING = 8
 
 COMPONENTS = ("embed", "attn", "norm", "router", "shared", "dense_ffn", "experts", "head")
 _GPU_CORE = {"attn", "norm", "router", "shared", "dense_ffn", "head"}
@@ -64,6 +68,7 @@ class PlacementPlan:
     n_ctx: int
     kv_bytes: int
     reserve_bytes: int = RUNTIME_RESERVE
+    prefill_slots: int = 0  # expert buffers of the layerwise prefill offload ring
     _by_name: dict[str, TensorPlacement] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -82,7 +87,7 @@ class PlacementPlan:
 
     @property
     def gpu_total(self) -> int:
-        used = self.gpu_weight_bytes + self.cache_slots * self.slot_bytes
+        used = self.gpu_weight_bytes + (self.cache_slots + self.prefill_slots) * self.slot_bytes
         return used + (self.kv_bytes + self.reserve_bytes if self.uses_gpu else 0)
 
     @property
@@ -100,7 +105,7 @@ class PlacementPlan:
             "gpu_budget": self.gpu_budget, "ram_budget": self.ram_budget, "n_ctx": self.n_ctx,
             "gpu_total": self.gpu_total, "cpu_total": self.cpu_total,
             "kv_bytes": self.kv_bytes, "reserve_bytes": self.reserve_bytes if self.uses_gpu else 0,
-            "cache_slots": self.cache_slots, "slot_bytes": self.slot_bytes,
+            "cache_slots": self.cache_slots, "slot_bytes": self.slot_bytes, "prefill_slots": self.prefill_slots,
             "expert_layers": {str(k): v for k, v in sorted(self.expert_layers.items())},
             "components": self.bytes_by_component(),
             "tensors": [asdict(t) for t in self.tensors],
@@ -264,8 +269,12 @@ def make_plan(tensors, cfg: ModelConfig, gpu_mem: int | None = None, ram: int | 
             t.device = layers[t.layer]
     slot_bytes, n_expert = _slot_bytes(placed, cfg)
     cpu_experts = sum(1 for d in layers.values() if d == "cpu") * n_expert
+    ring = min(PREFILL_RING, left // slot_bytes) if slot_bytes and cpu_experts else 0
+    ring = ring if ring >= 2 else 0
+    left -= ring * slot_bytes
     slots = 0 if cpu_moe or slot_bytes == 0 else min(left // slot_bytes, cpu_experts)
-    plan = PlacementPlan(placed, layers, int(slots), slot_bytes, n_expert, gpu_mem, ram, n_ctx, kv)
+    plan = PlacementPlan(placed, layers, int(slots), slot_bytes, n_expert, gpu_mem, ram, n_ctx, kv,
+                         prefill_slots=int(ring))
     _check_ram(plan)
     return plan
 
@@ -370,6 +379,11 @@ def describe_plan(plan: PlacementPlan, console) -> None:
     if plan.uses_gpu:
         console.print(f"hot-expert cache: {plan.cache_slots} slots of {fmt_bytes(plan.slot_bytes)} "
                       f"= {fmt_bytes(plan.cache_slots * plan.slot_bytes)}")
+        if plan.prefill_slots:
+            console.print(f"prefill offload ring: {plan.prefill_slots} experts "
+                          f"= {fmt_bytes(plan.prefill_slots * plan.slot_bytes)}")
+        elif len(on_gpu) < len(plan.expert_layers):
+            console.print("prefill offload: off (no room for its expert buffers)")
         console.print(f"KV cache ({plan.n_ctx} tokens): {fmt_bytes(plan.kv_bytes)}, reserve {fmt_bytes(plan.reserve_bytes)}")
     console.print(f"GPU: {fmt_bytes(plan.gpu_total)} of {fmt_bytes(plan.gpu_budget)}; "
                   f"RAM: {fmt_bytes(plan.cpu_total)}" + (f" of {fmt_bytes(plan.ram_budget)}" if plan.ram_budget < 1 << 60 else ""))

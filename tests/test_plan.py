@@ -11,7 +11,7 @@ from rich.console import Console
 
 from hybrid_runtime.config import ModelConfig
 from hybrid_runtime.errors import HybridError, InvalidRequestError
-from hybrid_runtime.plan import (GIB, RUNTIME_RESERVE, component_of, describe_plan, make_plan, parse_size)
+from hybrid_runtime.plan import (GIB, PREFILL_RING, RUNTIME_RESERVE, component_of, describe_plan, make_plan, parse_size)
 from hybrid_runtime.synth.layout import tensor_specs
 from hybrid_runtime.synth.presets import get_preset
 
@@ -116,11 +116,19 @@ def test_budget_arithmetic_is_exact():
     kw = dict(ram=1024 * GIB, n_ctx=1024, kv_bytes_per_token=1000, overrides=["token_embd=CPU"])
     base = make_plan(tensors, cfg, gpu_mem=24 * GIB, cpu_moe=True, **kw)
     need = base.gpu_weight_bytes + 1000 * 1024 + RUNTIME_RESERVE
-    assert base.gpu_total == need
+    assert base.prefill_slots == PREFILL_RING and base.cache_slots == 0
+    assert base.gpu_total == need + PREFILL_RING * base.slot_bytes
     with pytest.raises(HybridError):
         make_plan(tensors, cfg, gpu_mem=need - 1, cpu_moe=True, **kw)
-    exact = make_plan(tensors, cfg, gpu_mem=need + 3 * base.slot_bytes, **kw)
-    assert exact.cache_slots == 3
+    # the prefill ring comes first (at least 2 buffers or none), then the cache slots
+    exact = make_plan(tensors, cfg, gpu_mem=need + (PREFILL_RING + 3) * base.slot_bytes, **kw)
+    assert (exact.prefill_slots, exact.cache_slots) == (PREFILL_RING, 3)
+    small = make_plan(tensors, cfg, gpu_mem=need + 5 * base.slot_bytes + base.slot_bytes // 2, **kw)
+    assert (small.prefill_slots, small.cache_slots) == (5, 0)
+    one = make_plan(tensors, cfg, gpu_mem=need + base.slot_bytes, **kw)
+    assert (one.prefill_slots, one.cache_slots) == (0, 1)
+    for p in (exact, small, one):
+        assert p.gpu_total <= p.gpu_budget and p.to_dict()["prefill_slots"] == p.prefill_slots
 
 
 def test_components():

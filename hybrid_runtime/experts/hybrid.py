@@ -5,8 +5,9 @@ are computed there; the rest go to the CPU kernel in the one worker thread while
 works (the model computes the shared expert meanwhile); `wait()` adds the two. The only host
 sync of the layer is the download of ids / weights / hidden for the CPU share.
 
-Large prefill batches may instead upload the layer's active experts and run all of them on
-the GPU (PrefillPolicy), the upload of expert i+1 overlapping the compute of expert i.
+Large prefill batches may instead run every pair on the GPU (PrefillPolicy): cached experts from
+their slots, the others streamed through the prefill ring (experts/stream.py), which then starts
+uploading layer L+1's likely experts while layer L still computes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from hybrid_runtime.experts.backends import FloatExperts
 from hybrid_runtime.experts.gpu_cache import GpuExpertCache, RoutingRecorder
+from hybrid_runtime.experts.stream import ExpertStream
 from hybrid_runtime.quant.act_quant import round_activations
 from hybrid_runtime.quant.torch_dequant import dequantize
 from hybrid_runtime.weights.gguf_file import TensorRef
@@ -138,13 +140,15 @@ class HybridExperts:
     def __init__(self, layer: int, refs: tuple[TensorRef, TensorRef, TensorRef], cpu_share: CpuShare,
                  device: torch.device, dtype: torch.dtype, cache: GpuExpertCache | None = None,
                  layer_on_gpu: Raw3 | None = None, recorder: RoutingRecorder | None = None,
-                 prefill: PrefillPolicy | None = None, speculate: Callable[[torch.Tensor], np.ndarray] | None = None,
-                 round_act: bool = False):
+                 prefill: PrefillPolicy | None = None, speculate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 round_act: bool = False, stream: ExpertStream | None = None):
         self.layer, self.refs, self.cpu_share = layer, refs, cpu_share
         self.round_act = round_act
         self.device, self.dtype = torch.device(device), dtype
         self.cache, self.layer_on_gpu, self.recorder = cache, layer_on_gpu, recorder
         self.prefill, self.speculate = prefill or PrefillPolicy(), speculate
+        self.stream = stream  # the prefill ring; None: no offload (no room for it, or no GPU)
+        self.n_expert = int(refs[0].shape[0])
         self.types = tuple(int(r.ggml_type) for r in refs)
         self.expert_bytes = sum(int(r.data[0].nbytes) for r in refs)
         self.flops_per_pair = 6.0 * refs[0].shape[1] * refs[0].shape[2]
@@ -153,7 +157,8 @@ class HybridExperts:
 
     def submit(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> HybridHandle:
         """h [T, D], ids [T, K], weights [T, K] on the GPU device."""
-        ids_np, w_np, x_np = self._download(h, ids, weights)  # the layer's one host sync
+        guess_t = self.speculate(h) if self.speculate is not None else None  # [T, K] on the device
+        ids_np, w_np, x_np, guess = self._download(h, ids, weights, guess_t)  # the layer's one host sync
         if self.recorder is not None:
             self.recorder.record(self.layer, ids_np)
         slots = self._resident(ids_np)  # [T, K], -1: on the CPU
@@ -161,12 +166,15 @@ class HybridExperts:
         n_cpu = int(on_cpu.sum())
         if n_cpu and self._offload(ids_np, on_cpu):
             self.last_split = (ids_np.size, 0)
-            return HybridHandle(self._gpu_all(h, ids_np, weights), None, self)
+            return HybridHandle(self._gpu_all(h, ids_np, weights, slots, guess), None, self)
         future = self._start_cpu(x_np, ids_np, w_np, on_cpu) if n_cpu else None
         self.last_split = (ids_np.size - n_cpu, n_cpu)
-        if self.speculate is not None and self.cache is not None:
-            self._hint = self.speculate(h)
+        self._hint = guess if self.cache is not None else None
         return HybridHandle(self._gpu_part(h, ids_np, weights, slots), future, self)
+
+    def describe(self) -> str:
+        cpu = "Numba kernels" if self.round_act else "float32 (reference)"
+        return f"CPU {cpu} + GPU {'cache' if self.cache is not None else 'layer' if self.layer_on_gpu is not None else 'none'}"
 
     def after_wait(self) -> None:
         if self.cache is None:
@@ -190,23 +198,27 @@ class HybridExperts:
             return tuple(t[slot] for t in self.layer_on_gpu)
         return self.cache.expert(self.layer, slot)
 
-    def _download(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
-        """One device->host copy of [ids | weights | h] (ids exact in float32 below 2**24)."""
+    def _download(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, guess: torch.Tensor | None):
+        """One device->host copy of [ids | weights | guess | h] (ids exact in float32 below 2**24)."""
         K = ids.shape[1]
-        packed = torch.cat([ids.float(), weights.float(), h.float()], dim=1)  # [T, 2K + D]
+        G = 0 if guess is None else guess.shape[1]
+        parts = [ids.float(), weights.float()] + ([guess.float()] if guess is not None else []) + [h.float()]
+        packed = torch.cat(parts, dim=1)  # [T, 2K + G + D]
         if packed.device.type == "cpu":
             host = packed
         else:
             host = torch.empty(packed.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(packed)  # blocking: the sync
         a = host.numpy()
-        return a[:, :K].astype(np.int64), np.ascontiguousarray(a[:, K : 2 * K]), np.ascontiguousarray(a[:, 2 * K :])
+        guess_np = a[:, 2 * K : 2 * K + G].astype(np.int64) if guess is not None else None
+        return a[:, :K].astype(np.int64), np.ascontiguousarray(a[:, K : 2 * K]), np.ascontiguousarray(a[:, 2 * K + G :]), guess_np
 
     def _start_cpu(self, x: np.ndarray, ids_np: np.ndarray, w: np.ndarray, on_cpu: np.ndarray) -> Future:
         w = np.where(on_cpu, w, 0.0).astype(np.float32)
         return cpu_worker().submit(self.cpu_share, x, ids_np, w)
 
     def _gpu_part(self, h: torch.Tensor, ids_np: np.ndarray, weights: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+        """The pairs whose expert is resident (slots >= 0), from their slots -> [T, D]."""
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # [T, D]
         for s in np.unique(slots[slots >= 0]).tolist():
             tok, k = np.nonzero(slots == s)
@@ -217,48 +229,33 @@ class HybridExperts:
 
     # -- prefill offload --------------------------------------------------------------------------
     def _offload(self, ids_np: np.ndarray, on_cpu: np.ndarray) -> bool:
+        if self.stream is None:
+            return False
         distinct = np.unique(ids_np[on_cpu]).size
         return self.prefill.offload(ids_np.shape[0], int(on_cpu.sum()), distinct, self.flops_per_pair, self.expert_bytes)
 
-    def _gpu_all(self, h: torch.Tensor, ids_np: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
-        """Every routed pair on the GPU; non-resident experts uploaded one by one, overlapped."""
-        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        experts = np.unique(ids_np).tolist()
-        uploads = _Uploader(self.refs, experts, self.device)
-        for e in experts:
+    def _next_offloads(self, T: int, K: int) -> bool:
+        """Would the next streamed layer offload this batch too (its expected distinct experts, its sizes)?"""
+        nxt = self.stream.next_layer(self.layer)
+        if nxt is None:
+            return False
+        distinct = round(self.n_expert * (1.0 - (1.0 - K / self.n_expert) ** T))
+        return self.prefill.offload(T, T * K, distinct, self.flops_per_pair, self.stream.layouts[nxt].n_bytes)
+
+    def _gpu_all(self, h: torch.Tensor, ids_np: np.ndarray, weights: torch.Tensor, slots: np.ndarray,
+                 guess: np.ndarray | None) -> torch.Tensor:
+        """Every routed pair on the GPU: resident experts from their slots, the rest through the ring;
+        layer L+1's likely experts queue behind them, so each buffer this layer frees is refilled."""
+        out = self._gpu_part(h, ids_np, weights, slots)
+        missing = np.unique(ids_np[slots < 0]).tolist()
+        order = self.stream.begin_layer(self.layer, missing)
+        if self._next_offloads(*ids_np.shape):
+            self.stream.predict_next(self.layer, ids_np.shape[0], ids_np.shape[1], self.n_expert, guess)
+        for e in order:
+            raw, i = self.stream.take(self.layer, e)
             tok, k = np.nonzero(ids_np == e)
             tok_t, k_t = torch.as_tensor(tok, device=h.device), torch.as_tensor(k, device=h.device)
-            raw = uploads.get(e)
             y = swiglu_raw(h[tok_t], raw, self.types, self.dtype, self.round_act)
             out.index_add_(0, tok_t, y * weights[tok_t, k_t, None].float())
+            self.stream.release(self.layer, e, i)
         return out
-
-
-class _Uploader:
-    """Raw blocks of experts copied to the device in order on a side stream (CUDA), with events."""
-
-    def __init__(self, refs, experts: list[int], device: torch.device):
-        self.refs, self.device = refs, device
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.ready: dict[int, tuple[Raw3, object]] = {}
-        for e in experts:  # all queued at once: the copy engine runs ahead of the compute
-            self.ready[e] = self._upload(e)
-
-    def _upload(self, e: int) -> tuple[Raw3, object]:
-        host = [torch.from_numpy(np.array(r.data[e], copy=True)) for r in self.refs]
-        if not self.cuda:
-            return tuple(host), None
-        with torch.cuda.stream(self.stream):
-            raw = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in host)
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        return raw, ev
-
-    def get(self, e: int) -> Raw3:
-        raw, ev = self.ready.pop(e)
-        if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
-            for t in raw:
-                t.record_stream(torch.cuda.current_stream(self.device))
-        return raw
