@@ -12,7 +12,7 @@ import torch
 from hybrid_runtime.config import ModelConfig, RuntimeOptions
 from hybrid_runtime.engine.generate import Sequence, Stats, generate
 from hybrid_runtime.engine.sampling import SamplingParams
-from hybrid_runtime.errors import InvalidRequestError
+from hybrid_runtime.errors import HybridError, InvalidRequestError
 from hybrid_runtime.layers import Rope
 from hybrid_runtime.loader import build_weights, check_tensor_types, configure_threads
 from hybrid_runtime.models import get_architecture
@@ -32,6 +32,7 @@ class Model:
         self.yarn_betas = yarn_betas or config.default_yarn_betas
         self.n_ctx = min(options.n_ctx or min(config.n_ctx_train, _DEFAULT_CTX), config.n_ctx_train)
         self.last_stats: Stats | None = None
+        self._closed = False
 
     @property
     def n_vocab(self) -> int:
@@ -44,7 +45,8 @@ class Model:
 
     def placement_summary(self) -> str:
         """One line: where the weights and the routed experts run."""
-        desc = getattr(self.net, "placement", None) or "all weights on the CPU"
+        describe = getattr(self.net_weights, "describe", None)
+        desc = describe() if describe is not None else "all weights on the CPU"
         return f"{desc}; routed experts: {self.expert_backend_name()}"
 
     def expert_backend_name(self) -> str:
@@ -53,6 +55,52 @@ class Model:
             if experts is not None:
                 return getattr(experts, "describe", lambda: type(experts).__name__)()
         return "none (dense model)"
+
+    def inert_options(self) -> dict[str, str]:
+        """GPU-path options that were given but do nothing with this placement: {option: why}."""
+        o, w = self.options, self.net_weights
+        if not hasattr(w, "cache"):  # a CPU-only provider: no expert cache, no routing recorder, no GPU
+            given = ("expert_profile", "record_routing", "speculative_prefetch", "cuda_graphs")
+            return {k: "the model runs without the GPU path" for k in given if getattr(o, k)}
+        inert = {}
+        if o.expert_profile and w.cache is None:  # --cpu-moe, or no GPU memory left for cache slots
+            inert["expert_profile"] = "there is no GPU expert cache"
+        if o.cuda_graphs and getattr(getattr(w, "device", None), "type", None) != "cuda":
+            inert["cuda_graphs"] = "the model does not run on a CUDA device"
+        return inert
+
+    # -- shutdown -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Write the routing profile (options.expert_profile) and close the routing record. Idempotent.
+
+        Raises HybridError (one sentence) when the profile cannot be written; the record is closed anyway.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        cache = getattr(self.net_weights, "cache", None)
+        recorder = getattr(self.net_weights, "recorder", None)
+        try:
+            path = self.options.expert_profile
+            if path and cache is not None:
+                try:
+                    cache.stats.save_profile(path)
+                except OSError as e:
+                    raise HybridError(f"could not write the expert profile {path}: {e.strerror or e}") from None
+        finally:
+            if recorder is not None:
+                recorder.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except HybridError as e:
+            if exc is None:
+                raise
+            exc.add_note(str(e))  # keep the error that is already propagating
 
     # -- low level ------------------------------------------------------------------------------
     def new_cache(self):
@@ -110,7 +158,9 @@ def load(path: str | Path, **options) -> Model:
     """Open a GGUF model (single or split) and make it ready to run.
 
     Options (see RuntimeOptions): compute="fast"|"reference", threads, n_ctx, yarn_beta_fast,
-    yarn_beta_slow, device, gpu_mem, cpu_moe, n_cpu_moe, override, numa_config, prefill_chunk.
+    yarn_beta_slow, device, gpu_mem, cpu_moe, n_cpu_moe, override, numa_config, prefill_chunk,
+    expert_profile, record_routing, speculative_prefetch, cuda_graphs. Call `close()` (or use the
+    model as a context manager) when done: it writes the expert profile and the routing record.
     """
     known = {f.name for f in fields(RuntimeOptions)}
     unknown = sorted(set(options) - known)

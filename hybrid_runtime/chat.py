@@ -373,6 +373,10 @@ def chat_command(
     cpu_moe: bool = opt.CpuMoe,
     n_cpu_moe: Optional[int] = opt.NCpuMoe,
     override: list[str] = opt.Override,
+    expert_profile: Optional[str] = opt.ExpertProfile,
+    record_routing: Optional[str] = opt.RecordRouting,
+    speculative_prefetch: bool = opt.SpeculativePrefetch,
+    cuda_graphs: bool = opt.CudaGraphs,
 ) -> None:
     """Chat with MODEL in the terminal."""
     from hybrid_runtime.engine.scheduler import Engine
@@ -380,6 +384,7 @@ def chat_command(
     options = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads), ("compute", compute)) if v is not None}
     try:
         options.update(opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
+        options.update(opt.gpu_path_options(expert_profile, record_routing, speculative_prefetch, cuda_graphs))
         params = SamplingParams(temperature=temp, top_p=top_p, seed=seed, max_tokens=1 << 30).validate()
         m = _load_model(model, options)
     except HybridError as e:
@@ -387,6 +392,9 @@ def chat_command(
         raise typer.Exit(1)
     except KeyboardInterrupt:
         raise typer.Exit(130)
+    note = opt.inert_note(m)
+    if note:
+        print(f"{_DIM}note: {note}{_RESET}" if sys.stderr.isatty() else f"note: {note}", file=sys.stderr)
     engine = Engine(m, max_queue=0, pool_size=1)
     session = ChatSession(engine, params, system)
     try:
@@ -399,6 +407,11 @@ def chat_command(
         raise typer.Exit(1)
     finally:
         engine.close()
+        failed = opt.close_model(m)  # writes --expert-profile
+        if failed:
+            print(f"error: {failed}", file=sys.stderr)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _single_turn(s: ChatSession, prompt: str | None) -> None:

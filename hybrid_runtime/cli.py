@@ -13,10 +13,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hybrid_runtime import cli_options as opt
-from hybrid_runtime.errors import HybridError
+from hybrid_runtime.errors import HybridError, InvalidRequestError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run Kimi K2 / DeepSeek-V3 GGUF models: experts on the CPU, the rest on one GPU.")
@@ -34,13 +35,14 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except HybridError as e:
-            err.print(f"[red]error:[/red] {e}")
+            err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)  # one line, even past 80 columns
             raise typer.Exit(1)
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
         except OSError as e:
-            err.print(f"[red]error:[/red] {e.strerror or e}: {getattr(e, 'filename', '') or ''}")
+            where = getattr(e, "filename", "") or ""
+            err.print(f"[red]error:[/red] {escape(str(e.strerror or e))}: {escape(str(where))}", soft_wrap=True)
             raise typer.Exit(1)
 
     return wrapper
@@ -85,18 +87,37 @@ def generate(
     cpu_moe: bool = opt.CpuMoe,
     n_cpu_moe: Optional[int] = opt.NCpuMoe,
     override: list[str] = opt.Override,
+    expert_profile: Optional[str] = opt.ExpertProfile,
+    record_routing: Optional[str] = opt.RecordRouting,
+    speculative_prefetch: bool = opt.SpeculativePrefetch,
+    cuda_graphs: bool = opt.CudaGraphs,
 ):
     """Stream a completion of PROMPT and print prompt and generation tokens/s."""
     m = _load(model, compute, threads, n_ctx,
-              **opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
+              **opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override),
+              **opt.gpu_path_options(expert_profile, record_routing, speculative_prefetch, cuda_graphs))
+    try:
+        _generate(m, prompt, chat, dict(max_tokens=n, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                        seed=seed, stop=stop))
+    finally:
+        failed = opt.close_model(m)  # writes --expert-profile; after the output, whatever happened
+        if failed:
+            err.print(f"[red]error:[/red] {escape(failed)}", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _generate(m, prompt: str, chat: bool, sampling: dict) -> None:
     console.print(f"[dim]placement: {m.placement_summary()}[/dim]")
+    note = opt.inert_note(m)
+    if note:
+        err.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
     for line in m.memory_report():
         console.print(f"[dim]{line}[/dim]")
     ids = m.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else m.tokenize(prompt)
     console.print(f"[dim]{m.config.arch} · {m.file.path.name} · {len(ids)} prompt tokens[/dim]")
     sys.stdout.write(prompt if not chat else "")
-    for piece in m.generate(ids, max_tokens=n, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                            seed=seed, stop=stop):
+    for piece in m.generate(ids, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     s = m.last_stats
@@ -308,6 +329,29 @@ def bench_prefill_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOp
                       numa_config: Optional[str] = NumaOpt):
     """Prefill tokens/s of an n-token prompt on MODEL, optionally against llama.cpp."""
     _bench_model(model, threads, compare, as_json, None, ("prefill",), n_prompt, 0, 0, numa_config)
+
+
+@bench_app.command("gpu")
+@user_errors
+def bench_gpu_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, as_json: bool = JsonOpt,
+                  n_prompt: int = typer.Option(512, "--n-prompt", help="prompt tokens, prefilled as one chunk"),
+                  n_gen: int = typer.Option(32, "--n-gen", help="decode steps to time"),
+                  stand_in: Optional[str] = typer.Option(None, "--stand-in", hidden=True,
+                                                         help="torch device standing in for the GPU (tests)")):
+    """The GPU path against the CPU path: agreement, prefill/decode t/s, cache off/on, CUDA graphs."""
+    import torch
+
+    from hybrid_runtime.bench.gpu import bench_gpu, markdown
+
+    if stand_in is None and not torch.cuda.is_available():
+        raise InvalidRequestError("bench gpu needs a CUDA device, and torch sees none")
+    r = bench_gpu(model, threads, n_prompt=n_prompt, n_gen=n_gen, stand_in=stand_in)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    if torch.cuda.is_available() and stand_in is None:
+        console.print(f"[dim]{torch.cuda.get_device_name()} · {model.name} · {n_prompt} prompt, {n_gen} decode[/dim]")
+    print(markdown(r))
 
 
 def main() -> None:

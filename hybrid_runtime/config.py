@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hybrid_runtime.errors import InvalidRequestError, ModelFormatError
@@ -114,9 +115,10 @@ class RuntimeOptions:
     override: list[str] = field(default_factory=list)
     numa_config: str | None = None
     prefill_chunk: int = 512
-    expert_profile: str | None = None  # JSON routing profile: warm the GPU expert cache at start
+    expert_profile: str | None = None  # JSON routing profile: warms the GPU expert cache at start, saved by close()
     record_routing: str | None = None  # append every token's expert ids per layer to this file
     speculative_prefetch: bool = False  # prefetch layer L+1's likely experts from layer L's hidden state
+    cuda_graphs: bool = False  # replay one-token GPU matmuls as CUDA graphs (CUDA only; ignored elsewhere)
     expert_store: str = "mmap"  # "mmap" (in place, faulted in at load) | "lazy" | "hugepages" (copied)
     progress: bool = False  # progress bars while loading (the CLI turns them on)
     cpu_kernels: bool = True  # False: quantized matmuls as float emulation of the same rounding (slow)
@@ -134,4 +136,21 @@ class RuntimeOptions:
             raise InvalidRequestError(f"device must be auto, cpu, cuda or hybrid, not {self.device!r}")
         if self.expert_store not in ("mmap", "lazy", "hugepages"):
             raise InvalidRequestError(f"expert_store must be mmap, lazy or hugepages, not {self.expert_store!r}")
+        for name in ("expert_profile", "record_routing"):
+            _check_writable_path(name, getattr(self, name))
+        if self.expert_profile and Path(self.expert_profile).exists():
+            from hybrid_runtime.experts.gpu_cache import read_profile
+
+            read_profile(self.expert_profile)  # the format; the model's shape is checked at load
         return self
+
+
+def _check_writable_path(name: str, value: str | None) -> None:
+    """A file the runtime writes: not a directory, and in a directory that exists."""
+    if value is None:
+        return
+    path = Path(value)
+    if not value or path.is_dir():
+        raise InvalidRequestError(f"{name} must name a file, not {value!r}")
+    if not path.parent.is_dir():
+        raise InvalidRequestError(f"{name} {value}: the directory {path.parent} does not exist")

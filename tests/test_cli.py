@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -60,3 +61,87 @@ def test_numa_tune_dry_run_writes_a_config(tmp_path):
     out = tmp_path / "numa.json"
     r = run("numa-tune", "--dry-run", "--out", out)
     assert r.returncode == 0 and json.loads(out.read_text())["version"] == 1
+
+
+def model_config(path):
+    from hybrid_runtime.models import get_architecture
+    from hybrid_runtime.weights.gguf_file import GGUFModelFile
+
+    gf = GGUFModelFile(path)
+    return gf, get_architecture(gf.architecture).read_config(gf)
+
+
+def hybrid_args(path, slots: int = 4, n_ctx: int = 256) -> list[str]:
+    """--device hybrid with a GPU budget for the non-expert weights and a few expert-cache slots."""
+    from hybrid_runtime.plan import GIB, make_plan
+
+    gf, cfg = model_config(path)
+    base = make_plan(gf.tensors, cfg, gpu_mem=64 * GIB, ram=64 * GIB, cpu_moe=True, n_ctx=n_ctx,
+                     overrides=["token_embd=CPU"])
+    return ["--device", "hybrid", "--gpu-mem", str(base.gpu_total + slots * base.slot_bytes), "--n-ctx", str(n_ctx),
+            "-ot", "token_embd=CPU"]
+
+
+def random_prompt() -> str:
+    rng = np.random.default_rng()
+    return " ".join(rng.choice(["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "away"], 6))
+
+
+def test_generate_records_routing_and_writes_the_profile(model, tmp_path):
+    record, profile = tmp_path / "routing.jsonl", tmp_path / "profile.json"
+    r = run("generate", model, "-p", random_prompt(), "-n", "6", "--threads", "1", *hybrid_args(model),
+            "--record-routing", record, "--expert-profile", profile, "--speculative-prefetch")
+    assert r.returncode == 0, r.stderr
+    assert "no effect" not in r.stderr and "[ Prompt:" in r.stdout
+    _, cfg = model_config(model)
+    lines = record.read_text().splitlines()
+    assert lines
+    tokens: dict[int, int] = {}
+    for line in lines:
+        rec = json.loads(line)
+        ids = np.asarray(rec["ids"])
+        assert cfg.is_moe_layer(rec["layer"]) and ids.ndim == 2 and ids.shape[1] == cfg.n_expert_used
+        assert ((0 <= ids) & (ids < cfg.n_expert)).all()
+        tokens[rec["layer"]] = tokens.get(rec["layer"], 0) + ids.shape[0]
+    assert len(set(tokens.values())) == 1  # every MoE layer saw every token
+    saved = json.loads(profile.read_text())
+    assert saved["n_expert"] == cfg.n_expert and saved["tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json", "routing.jsonl"]
+
+
+def test_chat_single_turn_writes_the_profile_when_it_ends(model, tmp_path):
+    profile = tmp_path / "profile.json"
+    r = run("chat", model, "--single-turn", random_prompt(), "--threads", "1", *hybrid_args(model, n_ctx=96),
+            "--expert-profile", profile)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(profile.read_text())
+    assert saved["tokens"] and all(n > 0 for n in saved["tokens"].values())
+
+
+def test_gpu_path_flags_on_the_cpu_path_only_note(model, tmp_path):
+    record = tmp_path / "routing.jsonl"
+    r = run("generate", model, "-p", random_prompt(), "-n", "2", "--threads", "1", "--device", "cpu",
+            "--record-routing", record, "--cuda-graphs")
+    assert r.returncode == 0 and "[ Prompt:" in r.stdout
+    notes = [l for l in r.stderr.splitlines() if "no effect" in l]
+    assert len(notes) == 1 and "--record-routing" in notes[0] and "--cuda-graphs" in notes[0]
+    assert not record.exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("flag", ["--expert-profile", "--record-routing"])
+def test_output_file_in_a_missing_directory_is_rejected(model, tmp_path, command, flag):
+    args = {"generate": ["-p", "hi", "-n", "1"], "chat": ["--single-turn", "hi"], "serve": ["--port", "0"]}[command]
+    missing = tmp_path / "no-such-dir" / "file.json"
+    r = run(command, model, *args, "--threads", "1", flag, missing, timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0] and str(missing.parent) in errors[0]  # one line
+    assert not missing.parent.exists()
+
+
+def test_garbage_profile_is_rejected(model, tmp_path):
+    bad = tmp_path / "garbage.json"
+    bad.write_bytes(np.random.default_rng().integers(0, 256, 64, dtype=np.uint8).tobytes())
+    r = run("generate", model, "-p", "hi", "-n", "1", "--threads", "1", "--expert-profile", bad)
+    assert r.returncode == 1 and "garbage.json" in r.stderr and "error:" in r.stderr

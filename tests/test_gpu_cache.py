@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
-from hybrid_runtime.errors import InvalidRequestError
-from hybrid_runtime.experts.gpu_cache import (ADMIT_MARGIN, DECAY_PER_TOKEN, MAX_COPIES_PER_STEP, GpuExpertCache,
-                                              RoutingRecorder, RoutingStats, load_routing)
+from hybrid_runtime.config import RuntimeOptions
+from hybrid_runtime.errors import HybridError, InvalidRequestError
+from hybrid_runtime.experts.gpu_cache import (ADMIT_MARGIN, DECAY_PER_TOKEN, MAX_COPIES_PER_STEP, PROFILE_VERSION,
+                                              GpuExpertCache, RoutingRecorder, RoutingStats, load_routing,
+                                              read_profile)
 from hybrid_runtime.quant.torch_dequant import dequantize
 from hybrid_runtime.weights.gguf_file import TensorRef
 
@@ -129,6 +133,165 @@ def test_recorder_round_trip(tmp_path):
     trace = load_routing(tmp_path / "r.jsonl")
     np.testing.assert_array_equal(trace[1], np.concatenate([a, b]))
     np.testing.assert_array_equal(trace[2], a)
+
+
+def random_stats(rng, n_layer: int = 3) -> RoutingStats:
+    s = RoutingStats(n_layer, E)
+    for _ in range(int(rng.integers(3, 10))):
+        for layer in range(1, n_layer):
+            s.update(layer, rng.integers(0, E, (int(rng.integers(1, 4)), 2)))
+    return s
+
+
+def test_profile_save_replaces_atomically(tmp_path, monkeypatch):
+    import os
+
+    rng = np.random.default_rng()
+    path = tmp_path / "profile.json"
+    first, second = random_stats(rng), random_stats(rng)
+    first.save_profile(path)
+    second.save_profile(path)  # over an existing profile
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # no temporary file left
+    loaded = RoutingStats(3, E)
+    loaded.load_profile(path)
+    np.testing.assert_array_equal(loaded.counts, second.counts)
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        random_stats(rng).save_profile(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["profile.json"]
+
+
+def _profile(**changes) -> dict:
+    rng = np.random.default_rng()
+    counts = rng.integers(0, 50, E).tolist()
+    data = {"version": PROFILE_VERSION, "n_expert": E, "tokens": {"1": int(sum(counts))}, "layers": {"1": counts}}
+    data.update(changes)
+    return data
+
+
+GARBAGE = {
+    "not json": "{this is not json",
+    "binary": b"\xff\xfe\x00garbage",
+    "a list": "[1, 2, 3]",
+    "no version": json.dumps({k: v for k, v in _profile().items() if k != "version"}),
+    "wrong version": json.dumps(_profile(version=PROFILE_VERSION + 1)),
+    "no layers": json.dumps({k: v for k, v in _profile().items() if k != "layers"}),
+    "short row": json.dumps(_profile(layers={"1": [1, 2, 3]})),
+    "negative count": json.dumps(_profile(layers={"1": [-1] * E})),
+    "float count": json.dumps(_profile(layers={"1": [0.5] * E})),
+    "huge count": json.dumps(_profile(layers={"1": [10**30] * E})),
+    "bool n_expert": json.dumps(_profile(n_expert=True)),
+    "layer name": json.dumps(_profile(layers={"one": [1] * E}, tokens={"one": 1})),
+    "layers a list": json.dumps(_profile(layers=[[1] * E])),
+    "no token count": json.dumps(_profile(tokens={})),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_garbage_profile_is_a_clear_error(tmp_path, kind):
+    path = tmp_path / "garbage.json"
+    content = GARBAGE[kind]
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    stats = RoutingStats(3, E)
+    for check in (lambda: read_profile(path), lambda: stats.load_profile(path),
+                  lambda: RuntimeOptions(expert_profile=str(path)).validate()):
+        with pytest.raises(InvalidRequestError, match="garbage.json"):
+            check()
+    assert not stats.counts.any() and not stats.scores.any()  # left as it was
+
+
+def test_profile_of_another_model_shape_is_rejected(tmp_path):
+    rng = np.random.default_rng()
+    path = tmp_path / "other.json"
+    random_stats(rng, n_layer=3).save_profile(path)
+    RuntimeOptions(expert_profile=str(path)).validate()  # a valid profile: the shape is checked at load
+    for stats in (RoutingStats(3, E * 2), RoutingStats(2, E)):  # other expert count; fewer layers
+        with pytest.raises(InvalidRequestError, match="other.json"):
+            stats.load_profile(path)
+        assert not stats.counts.any()
+
+
+@pytest.mark.parametrize("name", ["expert_profile", "record_routing"])
+def test_output_paths_must_be_in_an_existing_directory(tmp_path, name):
+    RuntimeOptions(**{name: str(tmp_path / "new.json")}).validate()  # a new file: fine
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        RuntimeOptions(**{name: str(tmp_path / "missing" / "x.json")}).validate()
+    with pytest.raises(InvalidRequestError, match="must name a file"):
+        RuntimeOptions(**{name: str(tmp_path)}).validate()
+
+
+# -- through the hybrid path (torch on the CPU standing in for the GPU) ------------------------------
+N_CTX = 256
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return tiny("kimi-k2-tiny", "Q4_K_M")[0]
+
+
+def load_hybrid(path, slots: int = 6, **opts):
+    """api.load on the hybrid provider with a budget of about `slots` GPU expert-cache slots."""
+    from hybrid_runtime import api
+    from hybrid_runtime.models import get_architecture
+    from hybrid_runtime.plan import GIB, make_plan
+    from hybrid_runtime.weights.gguf_file import GGUFModelFile
+
+    gf = GGUFModelFile(path)
+    cfg = get_architecture(gf.architecture).read_config(gf)
+    keep = ["token_embd=CPU"]  # else the embedding would move into the slots' room
+    base = make_plan(gf.tensors, cfg, gpu_mem=64 * GIB, ram=64 * GIB, cpu_moe=True, n_ctx=N_CTX, overrides=keep)
+    return api.load(path, device="hybrid", gpu_device="cpu", gpu_mem=base.gpu_total + slots * base.slot_bytes,
+                    override=keep, n_ctx=N_CTX, threads=1, **opts)
+
+
+def run_random_prompt(m, rng) -> None:
+    ids = rng.integers(0, m.n_vocab, int(rng.integers(4, 12))).tolist()
+    assert "".join(m.generate(ids, max_tokens=4, temperature=0.8, seed=int(rng.integers(1 << 30)))) is not None
+
+
+def test_model_close_writes_the_profile_and_a_reload_starts_warm(tiny_model, tmp_path):
+    rng = np.random.default_rng()
+    path = tmp_path / "profile.json"
+    m = load_hybrid(tiny_model, expert_profile=str(path))  # no profile yet: starts cold, no error
+    cache = m.net_weights.cache
+    assert cache is not None and cache.n_slots > 0 and not (cache.owner_layer >= 0).any()
+    run_random_prompt(m, rng)
+    m.close()
+    m.close()  # idempotent
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # no temporary file left
+    n_expert, tokens, layers = read_profile(path)
+    assert n_expert == m.config.n_expert and tokens and set(layers) == set(tokens)
+    assert all(m.config.is_moe_layer(l) and tokens[l] > 0 for l in tokens)
+    for l, counts in layers.items():
+        np.testing.assert_array_equal(counts, cache.stats.counts[l])
+
+    with load_hybrid(tiny_model, expert_profile=str(path)) as m2:
+        cache2 = m2.net_weights.cache
+        routed = sum(int((c > 0).sum()) for c in layers.values())
+        assert int((cache2.owner_layer >= 0).sum()) == min(cache2.n_slots, routed) > 0  # warm before any token
+        np.testing.assert_array_equal(cache2.stats.counts, cache.stats.counts)
+        run_random_prompt(m2, rng)
+    _, tokens2, _ = read_profile(path)  # written back with the statistics of both runs
+    assert all(tokens2[l] > tokens[l] for l in tokens)
+
+
+def test_model_close_reports_an_unwritable_profile(tiny_model, tmp_path):
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    record = tmp_path / "routing.jsonl"
+    m = load_hybrid(tiny_model, expert_profile=str(folder / "p.json"), record_routing=str(record))
+    run_random_prompt(m, np.random.default_rng())
+    folder.rmdir()
+    with pytest.raises(HybridError, match="could not write the expert profile .*p.json"):
+        m.close()
+    assert m.net_weights.recorder._file is None  # the routing record was closed all the same
+    assert load_routing(record)
+    m.close()  # closed once: no second attempt
 
 
 @pytest.mark.cuda

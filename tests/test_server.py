@@ -222,6 +222,33 @@ def test_health_503_while_loading_and_after_failure():
         assert c.get("/nope").json()["error"]["type"] == "invalid_request_error"
 
 
+def test_shutdown_closes_the_model(capsys):
+    """Leaving the app closes the engine, then the model (which writes --expert-profile); a failure is one line."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from hybrid_runtime.errors import HybridError
+    from hybrid_runtime.server.app import ServerConfig, create_app
+
+    closed = []
+
+    def close():
+        closed.append(True)
+        raise HybridError("could not write the expert profile /x/p.json: No space left on device")
+
+    fake = SimpleNamespace(tokenizer=None, new_cache=lambda: None, close=close)
+    app = create_app(ServerConfig("/nowhere/model.gguf"), loader=lambda path, **opts: fake)
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 10
+        while c.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not closed
+    assert closed == [True]
+    err = capsys.readouterr().err
+    assert "hybrid-runtime: error: could not write the expert profile /x/p.json" in err and "Traceback" not in err
+
+
 def test_tools_accepted_and_bad_tools_rejected(client):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     r = client.chat.completions.create(model="tiny", messages=MSG, tools=tools, max_tokens=4, seed=1)

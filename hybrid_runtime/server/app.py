@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hybrid_runtime.cli_options import close_model, inert_note
 from hybrid_runtime.engine.scheduler import Engine, EngineClosedError, QueueFullError, RequestHandle
 from hybrid_runtime.errors import ContextOverflowError, HybridError
 from hybrid_runtime.server.metrics import Metrics
@@ -114,6 +115,10 @@ def create_app(cfg: ServerConfig, loader: Callable | None = None,
         yield
         if state.engine is not None:
             state.engine.close(timeout=2.0)
+        if state.model is not None:
+            failed = close_model(state.model)  # writes --expert-profile, closes --record-routing
+            if failed:
+                print(f"hybrid-runtime: error: {failed}", file=sys.stderr, flush=True)
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hr = state
@@ -132,6 +137,9 @@ def _load_model(state: ServerState, cfg: ServerConfig, loader, on_load_error) ->
         state.model = model
         state.status = "ready"
         print(f"hybrid-runtime: model '{cfg.served_name}' loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        note = inert_note(model)
+        if note:
+            print(f"hybrid-runtime: note: {note}", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001 - report any failure, the server cannot serve without it
         state.status, state.error = "failed", str(e) if isinstance(e, HybridError) else repr(e)
         print(f"hybrid-runtime: could not load the model: {state.error}", file=sys.stderr, flush=True)

@@ -28,10 +28,15 @@ def serve_command(
     cpu_moe: bool = opt.CpuMoe,
     n_cpu_moe: Optional[int] = opt.NCpuMoe,
     override: list[str] = opt.Override,
+    expert_profile: Optional[str] = opt.ExpertProfile,
+    record_routing: Optional[str] = opt.RecordRouting,
+    speculative_prefetch: bool = opt.SpeculativePrefetch,
+    cuda_graphs: bool = opt.CudaGraphs,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
     import uvicorn
 
+    from hybrid_runtime.config import RuntimeOptions
     from hybrid_runtime.errors import HybridError
     from hybrid_runtime.server.app import ServerConfig, create_app
 
@@ -40,6 +45,8 @@ def serve_command(
     options = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads), ("compute", compute)) if v is not None}
     try:
         options.update(opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
+        options.update(opt.gpu_path_options(expert_profile, record_routing, speculative_prefetch, cuda_graphs))
+        RuntimeOptions(**options).validate()  # bad paths fail here, before the socket opens
     except HybridError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1)
