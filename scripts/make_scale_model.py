@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default: the preset's)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="vocabulary size (default: 2048, or the real model's with --metadata-only)")
     ap.add_argument("--metadata-only", action="store_true",
                     help="complete header, data region left as a sparse hole")
     return ap.parse_args(argv)
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     t0 = time.perf_counter()
     try:
-        out = make_scale_model(a.preset, a.out, layers=a.layers, metadata_only=a.metadata_only, seed=a.seed)
+        out = make_scale_model(a.preset, a.out, layers=a.layers, metadata_only=a.metadata_only, seed=a.seed,
+                               vocab=a.vocab)
     except HybridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -273,6 +273,10 @@ def test_metadata_only_is_a_sparse_kimi_k2_header(tmp_path):
     down = next(t for t in reader.tensors if t.name == "blk.60.ffn_down_exps.weight")
     assert list(down.shape) == [2048, 7168, 384]
     assert down.tensor_type == gguf.GGMLQuantizationType.Q6_K
+    # the real vocabulary: the embedding and head are planned at their true sizes
+    assert fields["deepseek2.vocab_size"] == 163840 and len(fields["tokenizer.ggml.tokens"]) == 163840
+    head = next(t for t in reader.tensors if t.name == "output.weight")
+    assert list(head.shape) == [7168, 163840]
 
 
 def test_cached_model_builds_once(tmp_path):

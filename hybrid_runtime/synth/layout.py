@@ -24,19 +24,14 @@ def tensor_specs(p: Preset, kv_layout: str | None = None, tied_output: bool = Fa
     """Every tensor of the model in file order."""
     # a tied embedding doubles as the head: draw it at the head's scale
     embed_role = "output" if tied_output else "embed"
-    specs = [TensorSpec("token_embd.weight", (vocab_size(), p.hidden), embed_role)]
+    specs = [TensorSpec("token_embd.weight", (p.vocab, p.hidden), embed_role)]
     for il in range(p.n_layer):
         specs += _attention(p, il, kv_layout or p.kv_layout)
         specs += _dense_ffn(p, il) if il < p.n_dense_lead else _moe_ffn(p, il)
     specs.append(TensorSpec("output_norm.weight", (p.hidden,), "norm"))
     if not tied_output:
-        specs.append(TensorSpec("output.weight", (vocab_size(), p.hidden), "output"))
+        specs.append(TensorSpec("output.weight", (p.vocab, p.hidden), "output"))
     return specs
-
-
-def vocab_size() -> int:
-    from hybrid_runtime.synth.tokenizer import VOCAB_SIZE
-    return VOCAB_SIZE
 
 
 def _attention(p: Preset, il: int, kv_layout: str) -> list[TensorSpec]:

@@ -41,6 +41,8 @@ class Preset:
     context_length: int = 131072
     kv_layout: str = "split"    # split: attn_k_b/attn_v_b (MLA); combined: legacy attn_kv_b
     write_gating_key: bool = True
+    vocab: int = 2048           # tokens written (synth/tokenizer.py pads its BPE vocabulary to this)
+    real_vocab: int = 0         # the real model's vocabulary: metadata-only files use it for true sizes
 
     @property
     def n_moe_layer(self) -> int:
@@ -84,7 +86,7 @@ KIMI_K2_DEMO = KIMI_K2_TINY.replace(
 KIMI_K2 = KIMI_K2_TINY.replace(
     name="kimi-k2", n_layer=61, hidden=7168, n_head=64, q_lora=1536, kv_lora=512,
     rope_dim=64, nope_dim=128, v_dim=128, n_expert=384, n_expert_used=8,
-    expert_ff=2048, dense_ff=18432,
+    expert_ff=2048, dense_ff=18432, real_vocab=163840,
 )
 
 MEDIUM = KIMI_K2_TINY.replace(

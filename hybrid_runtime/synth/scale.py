@@ -28,14 +28,22 @@ _FILE_TYPE_Q4_K_M = 15
 
 
 def make_scale_model(preset: str | Preset, out: str | os.PathLike, layers: int | None = None,
-                     metadata_only: bool = False, seed: int = 0, **overrides) -> Path:
+                     metadata_only: bool = False, seed: int = 0, vocab: int | None = None, **overrides) -> Path:
     """Write a scale model to `out` and return its path.
 
     `layers` overrides the preset's layer count; with one layer that layer is an MoE layer
     (no dense lead). `metadata_only` writes a complete header whose data region is a sparse
     hole (no disk used). `overrides` change preset fields (e.g. hidden=256 for a fast test).
+    `vocab`: tokens in the embedding and head; default the synthetic 2,048, or for a metadata-only
+    file the real model's (Kimi K2: 163,840), so that planning sees true sizes.
     """
     p = _resolve(preset, layers, overrides)
+    if vocab is None and metadata_only and p.real_vocab:
+        vocab = p.real_vocab
+    if vocab is not None:
+        if vocab < p.vocab:
+            raise InvalidRequestError(f"--vocab must be at least {p.vocab}, not {vocab}.")
+        p = p.replace(vocab=vocab)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     specs = tensor_specs(p, "split")

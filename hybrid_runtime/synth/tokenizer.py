@@ -121,8 +121,10 @@ def training_text() -> str:
 
 
 @functools.cache
-def build_vocab() -> Vocab:
-    """The synthetic vocabulary: bytes, learned merges, [PAD] fill, then the special tokens."""
+def build_vocab(size: int = VOCAB_SIZE) -> Vocab:
+    """The synthetic vocabulary: bytes, learned merges, [PAD] fill up to `size`, then the special tokens."""
+    if size < VOCAB_SIZE:
+        raise ValueError(f"the synthetic vocabulary needs at least {VOCAB_SIZE} tokens, not {size}")
     tokens = [byte_to_unicode()[b] for b in range(256)]
     n_learned = VOCAB_SIZE - 256 - len(SPECIAL_TOKENS)
     merges = learn_merges(training_text(), n_learned)
@@ -132,7 +134,7 @@ def build_vocab() -> Vocab:
             tokens.append(a + b)
             seen.add(a + b)
     types = [gguf.TokenType.NORMAL] * len(tokens)
-    while len(tokens) < VOCAB_SIZE - len(SPECIAL_TOKENS):
+    while len(tokens) < size - len(SPECIAL_TOKENS):
         tokens.append(f"[PAD{len(tokens)}]")
         types.append(gguf.TokenType.UNUSED)
     tokens += SPECIAL_TOKENS
@@ -140,9 +142,9 @@ def build_vocab() -> Vocab:
     return Vocab(tuple(tokens), tuple(int(t) for t in types), tuple(f"{a} {b}" for a, b in merges))
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, chat_template: str | None) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, chat_template: str | None, size: int = VOCAB_SIZE) -> None:
     """Write the tokenizer.ggml.* keys (and the chat template) of the synthetic vocabulary."""
-    v = build_vocab()
+    v = build_vocab(size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("kimi-k2")
     writer.add_token_list(list(v.tokens))

@@ -15,7 +15,7 @@ import numpy as np
 
 from hybrid_runtime.synth.chat_template import kimi_k2_template
 from hybrid_runtime.synth.presets import Preset
-from hybrid_runtime.synth.tokenizer import VOCAB_SIZE, add_tokenizer
+from hybrid_runtime.synth.tokenizer import add_tokenizer
 
 ARCH = "deepseek2"
 
@@ -47,7 +47,7 @@ def add_model_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, file_type:
     w.add_layer_norm_rms_eps(p.rms_eps)
     w.add_rope_freq_base(p.rope_base)
     w.add_rope_dimension_count(p.rope_dim)
-    w.add_vocab_size(VOCAB_SIZE)
+    w.add_vocab_size(p.vocab)
     w.add_leading_dense_block_count(p.n_dense_lead)
     if p.q_lora:
         w.add_q_lora_rank(p.q_lora)
@@ -55,7 +55,7 @@ def add_model_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, file_type:
     _add_head_dims(w, p, kv_layout)
     _add_moe_keys(w, p)
     _add_yarn_keys(w, p)
-    add_tokenizer(w, kimi_k2_template(thinking))
+    add_tokenizer(w, kimi_k2_template(thinking), p.vocab)
 
 
 def _add_head_dims(w: gguf.GGUFWriter, p: Preset, kv_layout: str) -> None:
