@@ -43,8 +43,12 @@ def has_avx512_vnni() -> bool:
     """True when AVX-512 F, BW, VL and VNNI are all available (and not disabled by env)."""
     if os.environ.get(_FORCE_ENV, "") not in ("", "0"):
         return False
-    need = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"}
-    return need <= cpu_flags()
+    return _host_has_vnni()
+
+
+@functools.cache
+def _host_has_vnni() -> bool:  # called per kernel launch: the flag set is compared once
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"} <= cpu_flags()
 
 
 def describe() -> dict[str, bool]:

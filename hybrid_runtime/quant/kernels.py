@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numba
+import numba.np.ufunc.parallel  # noqa: F401  (numba.np.ufunc.parallel._set_parallel_chunksize)
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from numba import prange
@@ -213,11 +214,15 @@ def _grouped_vnni(kind, w_a, w_b, n_mats, g_exp, g_off, p_tok, xq, xd, xs, y_a, 
     total = n_mats * per_mat
     last = xd.shape[1] - 1
     odd = xd.shape[1] % 2 == 1
+    n_groups = g_exp.shape[0]
     for c in prange(n_chunks):
-        for item in range(total * c // n_chunks, total * (c + 1) // n_chunks):
-            m = item // per_mat
-            g = (item - m * per_mat) // n_rows
-            r = item - m * per_mat - g * n_rows
+        start, stop = total * c // n_chunks, total * (c + 1) // n_chunks
+        # (matrix, group, row) of the chunk's first item, then stepped without divisions: short
+        # rows (3 blocks) made two integer divisions per row a visible share of the time
+        m = start // per_mat
+        g = (start - m * per_mat) // n_rows
+        r = start - m * per_mat - g * n_rows
+        for _ in range(start, stop):
             w = w_a if m == 0 else w_b
             y = y_a if m == 0 else y_b
             wo = g_exp[g] * w.strides[0] + r * w.strides[1]
@@ -227,6 +232,13 @@ def _grouped_vnni(kind, w_a, w_b, n_mats, g_exp, g_off, p_tok, xq, xd, xs, y_a, 
                 if kind == K_Q8_0 and odd:
                     v += q80_block_dot(w[g_exp[g], r], 34 * last, xq[t], 32 * last, xd[t], xs[t], last)
                 y[p, r] = v
+            r += 1
+            if r == n_rows:
+                r = 0
+                g += 1
+                if g == n_groups:
+                    g = 0
+                    m += 1
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -413,11 +425,22 @@ def grouped_matmul(spec: KernelSpec, w: np.ndarray, group_expert: np.ndarray, gr
     n_chunks = max(1, min(CHUNKS_PER_THREAD * numba.get_num_threads(), work))
     qs = acts.nibble_qs() if fast and spec.kind in (K_Q4_K, K_Q5_K) else acts.qs
     driver = _grouped_vnni if fast else _grouped_portable
-    with numba.parallel_chunksize(1):
+    previous = _set_chunksize(1)  # chunks handed out one at a time (thread-local setting)
+    try:
         driver(spec.kind, w, w if w2 is None else w2, n_mats, group_expert.astype(np.int64, copy=False),
                group_offsets.astype(np.int64, copy=False), pair_token.astype(np.int64, copy=False),
                qs, acts.d, acts.sums, out, out if out2 is None else out2, n_chunks)
+    finally:
+        _set_chunksize(previous)
     return out
+
+
+def _set_chunksize(n: int) -> int:
+    """numba.set_parallel_chunksize without its per-call thread-launch check (a few µs on every
+    one of ~130 kernel calls per decode step); the public call where the private one is absent.
+    The caller has launched Numba's threads (numba.get_num_threads)."""
+    fast = getattr(numba.np.ufunc.parallel, "_set_parallel_chunksize", None)
+    return int(fast(n)) if fast is not None else numba.set_parallel_chunksize(n)
 
 
 def matmul(qtype: QT, w: np.ndarray, x: np.ndarray, *, portable: bool = False) -> np.ndarray:
