@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from hybrid_runtime.experts.backends import FloatExperts
 from hybrid_runtime.experts.gpu_cache import GpuExpertCache, RoutingRecorder
-from hybrid_runtime.experts.stream import ExpertStream
+from hybrid_runtime.experts.stream import ExpertStream, expected_distinct
 from hybrid_runtime.quant.act_quant import round_activations
 from hybrid_runtime.quant.torch_dequant import dequantize
 from hybrid_runtime.weights.gguf_file import TensorRef
@@ -239,7 +239,7 @@ class HybridExperts:
         nxt = self.stream.next_layer(self.layer)
         if nxt is None:
             return False
-        distinct = round(self.n_expert * (1.0 - (1.0 - K / self.n_expert) ** T))
+        distinct = round(expected_distinct(T, K, self.n_expert))
         return self.prefill.offload(T, T * K, distinct, self.flops_per_pair, self.stream.layouts[nxt].n_bytes)
 
     def _gpu_all(self, h: torch.Tensor, ids_np: np.ndarray, weights: torch.Tensor, slots: np.ndarray,

@@ -38,6 +38,11 @@ COVER_ALL = 0.9
 PACK_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def expected_distinct(n_tokens: int, n_used: int, n_expert: int) -> float:
+    """Distinct experts that n_tokens uniform routings of n_used of n_expert touch, in expectation."""
+    return n_expert * (1.0 - (1.0 - n_used / n_expert) ** n_tokens)
+
+
 @dataclass(slots=True)
 class StreamCounters:
     uploads: int = 0  # experts copied into the ring
@@ -151,7 +156,7 @@ class ExpertStream:
         nxt = self.next_layer(layer)
         if nxt is None:
             return 0
-        if 1.0 - (1.0 - n_used / n_expert) ** n_tokens >= COVER_ALL:
+        if expected_distinct(n_tokens, n_used, n_expert) >= COVER_ALL * n_expert:
             if self.cache is not None:  # the hottest first: the ring's head holds the surest bets
                 return self.prefetch(nxt, np.argsort(-self.cache.stats.scores[nxt], kind="stable").tolist())
             return self.prefetch(nxt, range(n_expert))

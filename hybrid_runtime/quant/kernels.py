@@ -435,12 +435,10 @@ def grouped_matmul(spec: KernelSpec, w: np.ndarray, group_expert: np.ndarray, gr
     return out
 
 
-def _set_chunksize(n: int) -> int:
-    """numba.set_parallel_chunksize without its per-call thread-launch check (a few µs on every
-    one of ~130 kernel calls per decode step); the public call where the private one is absent.
-    The caller has launched Numba's threads (numba.get_num_threads)."""
-    fast = getattr(numba.np.ufunc.parallel, "_set_parallel_chunksize", None)
-    return int(fast(n)) if fast is not None else numba.set_parallel_chunksize(n)
+# numba.set_parallel_chunksize without its per-call thread-launch check (a few µs on every one of
+# ~130 kernel calls per decode step); the public call where the private one is absent. Callers
+# have launched Numba's threads (numba.get_num_threads).
+_set_chunksize = getattr(numba.np.ufunc.parallel, "_set_parallel_chunksize", None) or numba.set_parallel_chunksize
 
 
 def matmul(qtype: QT, w: np.ndarray, x: np.ndarray, *, portable: bool = False) -> np.ndarray:

@@ -218,9 +218,9 @@ def build_hybrid_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptio
     cpu_layers = [l for l in moe_layers if plan.expert_layers.get(l) != "gpu"]
     refs = {l: expert_refs(gf, l) for l in moe_layers}
     refs.update(prepared_expert_refs(gf, cfg, opts, cpu_layers))  # the CPU share, faulted in or copied
-    cache = _make_cache(plan, refs, cfg, device, opts)
-    ring_layers = {l: refs[l] for l in cpu_layers}
-    stream = ExpertStream(plan.prefill_slots, device, ring_layers, cache) if plan.prefill_slots >= 2 and ring_layers else None
+    cpu_refs = {l: refs[l] for l in cpu_layers}  # what the cache and the prefill ring serve
+    cache = _make_cache(plan, cpu_refs, cfg, device, opts)
+    stream = ExpertStream(plan.prefill_slots, device, cpu_refs, cache) if plan.prefill_slots >= 2 and cpu_refs else None
     recorder = RoutingRecorder(getattr(opts, "record_routing")) if getattr(opts, "record_routing", None) else None
     speculate_on = bool(getattr(opts, "speculative_prefetch", False))
     weights: DeviceWeights | None = None
@@ -241,8 +241,8 @@ def build_hybrid_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptio
     return weights
 
 
-def _make_cache(plan: PlacementPlan, refs: dict, cfg: ModelConfig, device: torch.device, opts) -> GpuExpertCache | None:
-    cpu_layers = {l: r for l, r in refs.items() if plan.expert_layers.get(l) == "cpu"}
+def _make_cache(plan: PlacementPlan, cpu_layers: dict, cfg: ModelConfig, device: torch.device,
+                opts) -> GpuExpertCache | None:
     if plan.cache_slots <= 0 or not cpu_layers:
         return None
     stats = RoutingStats(cfg.n_layer, cfg.n_expert)
