@@ -2,11 +2,16 @@
 
 Oracle runs use an F32 KV cache (llama.cpp's default F16 also rounds q and the softmax) and pass
 the YaRN betas explicitly (they are not in the file; llama-cpp-python's defaults are 32/1).
+
+llama.cpp's extra CPU buffer types (weight repacking, and the AMX kernels on CPUs with AMX) are
+off unless asked for: on a Sapphire Rapids development machine a native build crashed in
+`decode` on any batch of more than one token of a Q4_K_M file with them on, and ran with them off.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +20,28 @@ from hybrid_runtime.errors import ModelFormatError
 from hybrid_runtime.util import quiet_stderr
 
 
+@contextmanager
+def _model_params(extra_bufts: bool):
+    """llama-cpp-python exposes no switch for use_extra_bufts: patch its default model params."""
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = extra_bufts
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
 def open_llama(path: str | Path, n_ctx: int, n_ubatch: int = 512, threads: int | None = None,
-               yarn_betas: tuple[float, float] = (32.0, 1.0), f32_kv: bool = True, logits_all: bool = True):
+               yarn_betas: tuple[float, float] = (32.0, 1.0), f32_kv: bool = True, logits_all: bool = True,
+               extra_bufts: bool = False):
     import llama_cpp
 
     kw = dict(n_ctx=n_ctx, n_batch=max(n_ubatch, 1), n_ubatch=max(n_ubatch, 1), logits_all=logits_all,
@@ -28,7 +53,7 @@ def open_llama(path: str | Path, n_ctx: int, n_ubatch: int = 512, threads: int |
         kw.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
                   flash_attn=False)
     try:
-        with quiet_stderr():
+        with quiet_stderr(), _model_params(extra_bufts):
             return llama_cpp.Llama(model_path=str(path), **kw)
     except (ValueError, RuntimeError) as e:
         raise ModelFormatError(f"{path}: llama.cpp could not load the model ({e})") from None
