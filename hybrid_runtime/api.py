@@ -14,7 +14,7 @@ from hybrid_runtime.engine.generate import Sequence, Stats, generate
 from hybrid_runtime.engine.sampling import SamplingParams
 from hybrid_runtime.errors import HybridError, InvalidRequestError
 from hybrid_runtime.layers import Rope
-from hybrid_runtime.loader import build_weights, check_tensor_types, configure_threads
+from hybrid_runtime.loader import build_compiled, build_weights, check_tensor_types, configure_threads
 from hybrid_runtime.models import get_architecture
 from hybrid_runtime.tokenizer import Tokenizer
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
@@ -50,6 +50,8 @@ class Model:
         return f"{desc}; routed experts: {self.expert_backend_name()}"
 
     def expert_backend_name(self) -> str:
+        if hasattr(self.net, "describe_experts"):
+            return self.net.describe_experts()
         for ffn in self.net.ffn:
             experts = getattr(ffn, "experts", None)
             if experts is not None:
@@ -177,6 +179,8 @@ def load(path: str | Path, **options) -> Model:
     betas = (opts.yarn_beta_fast if opts.yarn_beta_fast is not None else beta_fast,
              opts.yarn_beta_slow if opts.yarn_beta_slow is not None else beta_slow)
     rope = Rope(cfg.qk_rope, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx, *betas)
-    weights = build_weights(gf, cfg, opts)
-    net = arch.DeepSeek2(cfg, weights, rope)
+    net = build_compiled(gf, cfg, opts, rope)
+    weights = net if net is not None else build_weights(gf, cfg, opts)
+    if net is None:
+        net = arch.DeepSeek2(cfg, weights, rope)
     return Model(gf, cfg, net, tokenizer, opts, net_weights=weights, yarn_betas=betas)

@@ -331,6 +331,34 @@ def bench_prefill_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOp
     _bench_model(model, threads, compare, as_json, None, ("prefill",), n_prompt, 0, 0, numa_config)
 
 
+@bench_app.command("sweep")
+@user_errors
+def bench_sweep_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, compare: bool = CompareOpt,
+                    as_json: bool = JsonOpt, plot: Optional[Path] = PlotOpt,
+                    depths: str = typer.Option("0,1024,4096,16384", "--depths", help="comma-separated context depths"),
+                    n_gen: int = typer.Option(16, "--n-gen", help="decode steps timed at each depth")):
+    """Decode tokens/s at several context depths, optionally against llama.cpp (sweep-bench)."""
+    from hybrid_runtime.bench.sweep import plot_sweep, sweep
+
+    try:
+        ds = sorted({int(d) for d in depths.split(",") if d.strip()})
+    except ValueError:
+        raise InvalidRequestError(f"--depths must be comma-separated integers, not {depths!r}") from None
+    if not ds or ds[0] < 0:
+        raise InvalidRequestError("--depths must list depths >= 0")
+    r = sweep(model, threads or _usable_cores(), ds, n_gen=n_gen, compare=compare)
+    if plot is not None:
+        r["plot"] = plot_sweep(r, plot)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    for row in r["rows"]:
+        line = f"depth {row['depth']:>6}: ours {row['ours_tps']:.1f} t/s"
+        if "ratio" in row:
+            line += f", llama.cpp {row['llama_cpp_tps']:.1f} t/s, ratio {row['ratio']:.2f}x"
+        console.print(line)
+
+
 @bench_app.command("gpu")
 @user_errors
 def bench_gpu_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, as_json: bool = JsonOpt,

@@ -122,6 +122,7 @@ class RuntimeOptions:
     expert_store: str = "mmap"  # "mmap" (in place, faulted in at load) | "lazy" | "hugepages" (copied)
     progress: bool = False  # progress bars while loading (the CLI turns them on)
     cpu_kernels: bool = True  # False: quantized matmuls as float emulation of the same rounding (slow)
+    compiled: bool = True  # the compiled CPU step (cpu/step.py) where it applies; False: the torch model
 
     def validate(self) -> "RuntimeOptions":
         if self.compute not in ("fast", "reference"):

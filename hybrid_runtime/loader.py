@@ -25,8 +25,21 @@ def configure_threads(threads: int | None) -> int:
     from hybrid_runtime.experts.prefill import configure_threads as configure_both
 
     n = threads or len(os.sched_getaffinity(0))
+    choose_threading_layer()
     configure_both(n)
     return n
+
+
+def choose_threading_layer() -> None:
+    """OpenMP for Numba's pool unless NUMBA_THREADING_LAYER says otherwise: one explicit choice,
+    reported by the bench JSON (it must be made before the first parallel call)."""
+    import numba
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        try:
+            numba.threading_layer()  # raises until a parallel function has run
+        except ValueError:
+            numba.config.THREADING_LAYER = "omp"
 
 
 def wants_device(opts: RuntimeOptions) -> bool:
@@ -80,3 +93,28 @@ def prepared_expert_refs(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptio
     layers = [l for l in range(cfg.n_layer) if cfg.is_moe_layer(l)] if layers is None else layers
     refs, _ = store.prepare({l: expert_refs(gf, l) for l in layers}, opts.expert_store, opts.progress)
     return refs
+
+
+def compiled_step_applies(opts: RuntimeOptions) -> bool:
+    """The compiled CPU step runs the default CPU path (no GPU, no NUMA executor, integer kernels)."""
+    return (opts.compiled and opts.compute == "fast" and opts.cpu_kernels and not wants_device(opts)
+            and not opts.numa_config)
+
+
+def build_compiled(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, rope):
+    """The compiled CPU step, or None where it does not apply (the torch model runs instead):
+    no AVX-512 VNNI, the legacy attn_kv_b layout, or a tensor type without a kernel."""
+    from hybrid_runtime.errors import UnsupportedModelError
+
+    if not compiled_step_applies(opts):
+        return None
+    from hybrid_runtime.quant.cpu_features import has_avx512_vnni
+
+    if not has_avx512_vnni() or not cfg.mla_split:
+        return None
+    from hybrid_runtime.cpu.step import CompiledDeepSeek2
+
+    try:
+        return CompiledDeepSeek2(cfg, gf, prepared_expert_refs(gf, cfg, opts), rope, opts.prefill_chunk)
+    except UnsupportedModelError:
+        return None

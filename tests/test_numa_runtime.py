@@ -23,7 +23,7 @@ def numa_config(tmp_path_factory):
 
 def test_runtime_uses_the_tuned_config_and_matches_the_plain_path(tiny, numa_config):
     path, _ = tiny("kimi-k2-tiny", "Q4_K_M")
-    plain, pinned = hr.load(path), hr.load(path, numa_config=str(numa_config))
+    plain, pinned = hr.load(path, compiled=False), hr.load(path, numa_config=str(numa_config))  # both the torch model
     assert "NUMA" in pinned.placement_summary()
     report = pinned.memory_report()
     assert report and "node 0" in report[1]

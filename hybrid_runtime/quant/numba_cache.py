@@ -11,7 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
-_SOURCES = ("quant/kernels.py", "quant/vnni.py", "quant/q8k.py", "quant/cpu_features.py")
+_SOURCES = ("quant/kernels.py", "quant/vnni.py", "quant/q8k.py", "quant/cpu_features.py",
+            "cpu/table.py", "cpu/rows.py", "cpu/layers.py")
 
 
 def use_versioned_cache_dir() -> None:

@@ -1,0 +1,85 @@
+"""The paged MLA latent cache of the compiled step.
+
+One pool per model: lat [n_layer, n_blocks * BLOCK, C] and pe [n_layer, n_blocks * BLOCK, R]
+float32; a sequence owns a list of blocks (its block table). Token j of a sequence lives at row
+table[j // BLOCK] * BLOCK + j % BLOCK of every layer. Pages the OS never touched cost nothing, so
+the pool is sized for several full contexts up front and grows (by copy) only past that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hybrid_runtime.errors import ContextOverflowError
+
+BLOCK = 64
+
+
+class LatentPool:
+    def __init__(self, n_layer: int, kv_lora: int, rope: int, n_blocks: int):
+        self.lat = np.empty((n_layer, n_blocks * BLOCK, kv_lora), np.float32)
+        self.pe = np.empty((n_layer, n_blocks * BLOCK, rope), np.float32)
+        self._free = list(range(n_blocks - 1, -1, -1))
+
+    @property
+    def n_blocks(self) -> int:
+        return self.lat.shape[1] // BLOCK
+
+    def take(self) -> int:
+        if not self._free:
+            self._grow()
+        return self._free.pop()
+
+    def give(self, blocks) -> None:
+        self._free.extend(reversed(blocks))
+
+    def _grow(self) -> None:
+        old = self.n_blocks
+        for name in ("lat", "pe"):
+            a = getattr(self, name)
+            grown = np.empty((a.shape[0], 2 * a.shape[1], a.shape[2]), np.float32)
+            grown[:, : a.shape[1]] = a
+            setattr(self, name, grown)
+        self._free.extend(range(2 * old - 1, old - 1, -1))
+
+
+class PagedCache:
+    """One sequence's view of the pool: the LatentCache interface (n_tokens, commit, truncate)."""
+
+    def __init__(self, pool: LatentPool, capacity: int):
+        self.pool, self.capacity = pool, capacity
+        self.n_tokens = 0
+        self.blocks: list[int] = []
+        self.table = np.zeros((capacity + BLOCK - 1) // BLOCK, np.int64)  # block ids, padded
+
+    def reserve(self, n: int) -> None:
+        """Make room for tokens [0, n)."""
+        if n > self.capacity:
+            raise ContextOverflowError(f"context full: {n} tokens do not fit the context of {self.capacity}")
+        while len(self.blocks) * BLOCK < n:
+            self.table[len(self.blocks)] = self.pool.take()
+            self.blocks.append(int(self.table[len(self.blocks)]))
+
+    def commit(self, n: int) -> None:
+        self.n_tokens += n
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n tokens (prefix reuse); blocks past them go back to the pool."""
+        self.n_tokens = max(0, min(n, self.n_tokens))
+        keep = (self.n_tokens + BLOCK - 1) // BLOCK
+        self.pool.give(self.blocks[keep:])
+        del self.blocks[keep:]
+
+    def release(self) -> None:
+        self.truncate(0)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass
+
+    @property
+    def n_bytes(self) -> int:
+        per_block = BLOCK * (self.pool.lat.shape[2] + self.pool.pe.shape[2]) * 4 * self.pool.lat.shape[0]
+        return len(self.blocks) * per_block

@@ -1,0 +1,359 @@
+"""One deepseek2 layer for T new tokens, compiled: MLA attention against the paged latent cache,
+then the MoE block (router, top-k, routed experts, shared expert) or the dense FFN.
+
+Shape legend: T new tokens, D hidden, H heads, N nope dims, R rope dims, V value dims, C latent
+(kv_lora), QL q_lora, E experts, K experts used, P = T*K pairs, F expert FFN, FS shared FFN.
+
+Weights `w` (namedtuple): space (the byte span the weights live in), mats, vecs, va (vector arena), layers.
+Dims `dm` (int64) and `fd` (float64) as indexed by the D_* / FD_* names; scratch `s` (namedtuple,
+see step.Scratch). Everything runs on preallocated buffers: no allocation per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from hybrid_runtime.cpu.rows import need_for, quantize_row, quantize_rows, row_dot, run_jobs
+from hybrid_runtime.cpu.table import (F_ATTN_NORM, F_BIAS, F_DOWN, F_DOWN_X, F_FFN_NORM, F_GATE,
+                                      F_GATE_X, F_K_B, F_KV_A, F_KV_A_NORM, F_MOE, F_O, F_Q_A,
+                                      F_Q_A_NORM, F_Q_B, F_ROUTER, F_UP, F_UP_X, F_V_B, M_COLS,
+                                      M_ESTRIDE, M_KIND, M_NB, M_OFF, M_ROWS, M_RSTRIDE)
+
+(D_D, D_H, D_N, D_R, D_V, D_C, D_QL, D_E, D_K, D_NG, D_NGU, D_GATING, D_WNORM, D_BS, D_CHUNKS,
+ D_LMAX) = range(16)
+FD_EPS, FD_SCALE, FD_WSCALE = range(3)
+N_DIMS, N_FDIMS = 16, 3
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def rms_norm(x, n, w, wo, eps, out):
+    """out[:n] = x[:n] / rms(x[:n]) * va[wo: wo + n] (float32 throughout, as the torch model)."""
+    ss = np.float32(0.0)
+    for i in range(n):
+        ss += x[i] * x[i]
+    r = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + np.float32(eps)))
+    for i in range(n):
+        out[i] = x[i] * r * w[wo + i]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def rope(x, o, n, cos, sin, p):
+    """Rotate adjacent pairs of x[o: o + n] by position p (llama.cpp NORM mode)."""
+    for i in range(n // 2):
+        c, sn = cos[p, i], sin[p, i]
+        x0, x1 = x[o + 2 * i], x[o + 2 * i + 1]
+        x[o + 2 * i] = x0 * c - x1 * sn
+        x[o + 2 * i + 1] = x0 * sn + x1 * c
+
+
+@numba.njit(cache=True, nogil=True)
+def project(w, jobs, n_jobs, a, act_row, Y, n_chunks):
+    run_jobs(w.space, w.mats, jobs, n_jobs, a.X, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs, act_row, Y, n_chunks)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def set_job(jobs, j, m, e, p0, p1, col):
+    jobs[j, 0], jobs[j, 1], jobs[j, 2], jobs[j, 3], jobs[j, 4] = m, e, p0, p1, col
+
+
+@numba.njit(cache=True, nogil=True)
+def norm_and_quantize(w, x, T, n, vec, need, a, eps):
+    """a.X[t] = rms_norm(x[t]) for t < T, quantized into the scratch rows (need: see quantize_row)."""
+    wo = w.vecs[vec, 0]
+    for t in range(T):
+        rms_norm(x[t], n, w.va, wo, eps, a.X[t])
+    if need:
+        quantize_rows(a.X, T, n, need, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
+
+
+@numba.njit(cache=True, nogil=True)
+def cache_row(btab, t, j, bs):
+    return btab[t, j // bs] * bs + j % bs
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, q_abs_t, scores_t,
+                   X, kq, kn, kd, ks, zq, zd, zs):
+    """Per (token, head): q_abs = k_b q_nope; softmax((q_abs.c_j + q_pe.pe_j) scale) over j <= pos;
+    o_lat = sum p_j c_j; o = v_b o_lat -> O[t, h*V:(h+1)*V]. The q_nope rows are quantized in
+    activation rows t*H + h; rows T*H + thread hold each thread's o_lat. (Arrays are passed one by
+    one: Numba's parallel regions take no tuples.)"""
+    H, N, R, V, C, bs = dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_BS]
+    kind_k, nb_k, rs_k, es_k, off_k = mats[kb, M_KIND], mats[kb, M_NB], mats[kb, M_RSTRIDE], mats[kb, M_ESTRIDE], mats[kb, M_OFF]
+    kind_v, nb_v, rs_v, es_v, off_v = mats[vb, M_KIND], mats[vb, M_NB], mats[vb, M_RSTRIDE], mats[vb, M_ESTRIDE], mats[vb, M_OFF]
+    need_v = need_for(mats, vb)
+    for item in prange(T * H):
+        t, h = item // H, item % H
+        tid = numba.get_thread_id()
+        q_abs, sc, o_lat = q_abs_t[tid], scores_t[tid], X[T * H + tid]
+        for c in range(C):
+            q_abs[c] = row_dot(kind_k, nb_k, N, space, off_k + h * es_k + c * rs_k, X, kq, kn, kd, ks, zq, zd, zs, item)
+        L = pos[t] + 1
+        q0 = h * (N + R) + N  # q_pe of head h
+        mx = np.float32(-np.inf)
+        for j in range(L):
+            row = cache_row(btab, t, j, bs)
+            v = np.float32(0.0)
+            for c in range(C):
+                v += q_abs[c] * lat[row, c]
+            v2 = np.float32(0.0)
+            for r in range(R):
+                v2 += Q[t, q0 + r] * pe[row, r]
+            v = (v + v2) * scale
+            sc[j] = v
+            mx = max(mx, v)
+        tot = np.float32(0.0)
+        for j in range(L):
+            e = np.float32(math.exp(sc[j] - mx))
+            sc[j] = e
+            tot += e
+        for c in range(C):
+            o_lat[c] = 0.0
+        for j in range(L):
+            row = cache_row(btab, t, j, bs)
+            p = sc[j] / tot
+            for c in range(C):
+                o_lat[c] += p * lat[row, c]
+        arow = T * H + tid
+        quantize_row(o_lat, C, need_v, kq, kn, kd, ks, zq, zd, zs, arow)
+        for v_ in range(V):
+            O[t, h * V + v_] = row_dot(kind_v, nb_v, C, space, off_v + h * es_v + v_ * rs_v,
+                                       X, kq, kn, kd, ks, zq, zd, zs, arow)
+
+
+@numba.njit(cache=True, nogil=True)
+def attention(w, lt, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah):
+    """x[t] += MLA(rms_norm(x[t])) for the T new tokens; their latents are written to the cache."""
+    D, H, N, R, V, C, QL = dm[D_D], dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_QL]
+    HQ = H * (N + R)
+    n_chunks = dm[D_CHUNKS]
+    kv_a, jobs = lt[F_KV_A], s.jobs
+    ident = s.ident
+    need = need_for(w.mats, kv_a) | need_for(w.mats, lt[F_Q_A] if QL else lt[F_Q_B])
+    norm_and_quantize(w, x, T, D, lt[F_ATTN_NORM], need, a, fd[FD_EPS])
+    q_cols = QL if QL else HQ  # s.Y1[t] = [q_a (or q) | latent | k_pe]
+    set_job(jobs, 0, lt[F_Q_A] if QL else lt[F_Q_B], 0, 0, T, 0)
+    set_job(jobs, 1, kv_a, 0, 0, T, q_cols)
+    project(w, jobs, 2, a, ident, s.Y1, n_chunks)
+    if QL:
+        for t in range(T):  # q = q_b(rms_norm(q_a))
+            rms_norm(s.Y1[t], QL, w.va, w.vecs[lt[F_Q_A_NORM], 0], fd[FD_EPS], a.X[t])
+        quantize_rows(a.X, T, QL, need_for(w.mats, lt[F_Q_B]), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
+        set_job(jobs, 0, lt[F_Q_B], 0, 0, T, 0)
+        project(w, jobs, 1, a, ident, s.Q, n_chunks)
+    else:
+        for t in range(T):
+            s.Q[t, :HQ] = s.Y1[t, :HQ]
+    need_k = need_for(w.mats, lt[F_K_B])
+    for t in range(T):
+        row = cache_row(btab, t, pos[t], dm[D_BS])
+        rms_norm(s.Y1[t, q_cols:], C, w.va, w.vecs[lt[F_KV_A_NORM], 0], fd[FD_EPS], lat[row])
+        for r in range(R):
+            pe[row, r] = s.Y1[t, q_cols + C + r]
+        rope(pe[row], 0, R, cos, sin, pos[t])
+        for h in range(H):
+            rope(s.Q[t], h * (N + R) + N, R, cos, sin, pos[t])
+            ah.X[t * H + h, :N] = s.Q[t, h * (N + R): h * (N + R) + N]
+            quantize_row(ah.X[t * H + h], N, need_k, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs, t * H + h)
+    attention_core(w.space, w.mats, lt[F_K_B], lt[F_V_B], dm, np.float32(fd[FD_SCALE]), T, pos, btab, lat, pe,
+                   s.Q, s.O, s.q_abs, s.scores, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs)
+    wo = lt[F_O]
+    quantize_rows(s.O, T, H * V, need_for(w.mats, wo), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
+    for t in range(T):
+        a.X[t, :H * V] = s.O[t, :H * V]
+    set_job(jobs, 0, wo, 0, 0, T, 0)
+    project(w, jobs, 1, a, ident, s.Y2, n_chunks)
+    for t in range(T):
+        for i in range(D):
+            x[t, i] += s.Y2[t, i]
+
+
+@numba.njit(cache=True, nogil=True)
+def select_experts(logits, bias_va, bias_o, dm, fd, ids, wts, probs, sel):
+    """Top-K of (probs + bias) within the best groups; weights = the unbiased probs (normed, scaled).
+    logits [E] f32 -> ids [K] int64, wts [K] f32 (probs, sel: scratch [E])."""
+    E, K, G, GU = dm[D_E], dm[D_K], dm[D_NG], dm[D_NGU]
+    if dm[D_GATING] == 2:
+        for e in range(E):
+            probs[e] = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-logits[e])))
+    else:
+        mx = np.float32(-np.inf)
+        for e in range(E):
+            mx = max(mx, logits[e])
+        tot = np.float32(0.0)
+        for e in range(E):
+            probs[e] = np.float32(math.exp(logits[e] - mx))
+            tot += probs[e]
+        for e in range(E):
+            probs[e] /= tot
+    for e in range(E):
+        sel[e] = probs[e] + (bias_va[bias_o + e] if bias_o >= 0 else np.float32(0.0))
+    if G > 1:
+        per = E // G
+        for _ in range(G - GU):  # drop the weakest group (score: its two best), G - GU times
+            worst, worst_score = -1, np.float32(np.inf)
+            for g in range(G):
+                b1, b2 = np.float32(-np.inf), np.float32(-np.inf)
+                for e in range(g * per, (g + 1) * per):
+                    v = sel[e]
+                    if v > b1:
+                        b1, b2 = v, b1
+                    elif v > b2:
+                        b2 = v
+                if b1 != -np.inf and b1 + b2 < worst_score:
+                    worst, worst_score = g, b1 + b2
+            for e in range(worst * per, (worst + 1) * per):
+                sel[e] = -np.inf
+    tot = np.float32(0.0)
+    for k in range(K):
+        best = 0
+        for e in range(1, E):
+            if sel[e] > sel[best]:
+                best = e
+        ids[k] = best
+        wts[k] = probs[best]
+        tot += probs[best]
+        sel[best] = -np.inf
+    if dm[D_WNORM]:
+        tot = max(tot, np.float32(6.103515625e-05))
+        for k in range(K):
+            wts[k] = wts[k] / tot
+    ws = np.float32(fd[FD_WSCALE])
+    if ws != 0.0 and ws != 1.0:
+        for k in range(K):
+            wts[k] = wts[k] * ws
+
+
+@numba.njit(cache=True, nogil=True)
+def group_pairs(ids, T, K, E, counts, offsets, pair_tok, pair_of_slot):
+    """Counting sort of the T*K (token, k) slots by expert: pairs of expert e are
+    offsets[e]:offsets[e+1], in slot order; pair_of_slot[t*K + k] is the pair of slot (t, k)."""
+    counts[:E] = 0
+    for t in range(T):
+        for k in range(K):
+            counts[ids[t, k]] += 1
+    offsets[0] = 0
+    for e in range(E):
+        offsets[e + 1] = offsets[e] + counts[e]
+        counts[e] = offsets[e]
+    for t in range(T):
+        for k in range(K):
+            p = counts[ids[t, k]]
+            counts[ids[t, k]] += 1
+            pair_tok[p] = t
+            pair_of_slot[t * K + k] = p
+
+
+@numba.njit(cache=True, nogil=True)
+def silu_mul(Y, n_rows, F, out):
+    """out[p, :F] = silu(Y[p, :F]) * Y[p, F:2F]."""
+    for p in range(n_rows):
+        for f in range(F):
+            g = Y[p, f]
+            out[p, f] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * Y[p, F + f] if g > -80.0 else np.float32(-0.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def moe(w, lt, dm, fd, x, T, s, a):
+    """x[t] += sum_k w_tk expert_k(h_t) + shared(h_t), h = rms_norm(x): the whole MoE block."""
+    D, E, K = dm[D_D], dm[D_E], dm[D_K]
+    n_chunks, jobs = dm[D_CHUNKS], s.jobs
+    gx, ux, dx, gs, us, ds = lt[F_GATE_X], lt[F_UP_X], lt[F_DOWN_X], lt[F_GATE], lt[F_UP], lt[F_DOWN]
+    F = w.mats[gx, M_ROWS]
+    FS = w.mats[gs, M_ROWS] if gs >= 0 else 0
+    need = need_for(w.mats, gx) | need_for(w.mats, ux) | (need_for(w.mats, gs) | need_for(w.mats, us) if gs >= 0 else 0)
+    norm_and_quantize(w, x, T, D, lt[F_FFN_NORM], need, a, fd[FD_EPS])
+    # router logits s.Y1[t, :E] and the shared expert's gate | up in s.Y1[t, E: E + 2FS], one region
+    n = 1
+    set_job(jobs, 0, lt[F_ROUTER], 0, 0, T, 0)
+    if gs >= 0:
+        set_job(jobs, 1, gs, 0, 0, T, E)
+        set_job(jobs, 2, us, 0, 0, T, E + FS)
+        n = 3
+    project(w, jobs, n, a, s.ident, s.Y1, n_chunks)
+    bias = w.vecs[lt[F_BIAS], 0] if lt[F_BIAS] >= 0 else -1
+    for t in range(T):
+        select_experts(s.Y1[t], w.va, bias, dm, fd, s.ids[t], s.wts[t], s.probs, s.sel)
+    group_pairs(s.ids, T, K, E, s.counts, s.offsets, s.pair_tok, s.pair_of_slot)
+    P = T * K
+    n = 0
+    for e in range(E):  # gate | up of every (token, expert) pair -> s.Yx[p, :2F]
+        p0, p1 = s.offsets[e], s.offsets[e + 1]
+        if p1 > p0:
+            set_job(jobs, n, gx, e, p0, p1, 0)
+            set_job(jobs, n + 1, ux, e, p0, p1, F)
+            n += 2
+    project(w, jobs, n, a, s.pair_tok, s.Yx, n_chunks)
+    silu_mul(s.Yx, P, F, a.X)
+    if gs >= 0:
+        for t in range(T):
+            for f in range(2 * FS):
+                s.Yx[P + t, f] = s.Y1[t, E + f]
+        silu_mul(s.Yx[P:], T, FS, a.X[P:])
+    quantize_rows(a.X, P, F, need_for(w.mats, dx), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
+    n = 0
+    for e in range(E):  # down of every pair -> s.Yd[p, :D]; the shared expert's in rows P + t
+        p0, p1 = s.offsets[e], s.offsets[e + 1]
+        if p1 > p0:
+            set_job(jobs, n, dx, e, p0, p1, 0)
+            n += 1
+    if gs >= 0:
+        for t in range(T):
+            quantize_row(a.X[P + t], FS, need_for(w.mats, ds), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs, P + t)
+        set_job(jobs, n, ds, 0, P, P + T, 0)
+        n += 1
+    project(w, jobs, n, a, s.ident, s.Yd, n_chunks)
+    for t in range(T):  # fixed order per token: k = 0..K-1, then the shared expert
+        for i in range(D):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += s.wts[t, k] * s.Yd[s.pair_of_slot[t * K + k], i]
+            if gs >= 0:
+                acc += s.Yd[P + t, i]
+            x[t, i] += acc
+
+
+@numba.njit(cache=True, nogil=True)
+def dense_ffn(w, lt, dm, fd, x, T, s, a):
+    """x[t] += down(silu(gate h) * up h), h = rms_norm(x[t])."""
+    D, n_chunks, jobs = dm[D_D], dm[D_CHUNKS], s.jobs
+    g, u, d = lt[F_GATE], lt[F_UP], lt[F_DOWN]
+    F = w.mats[g, M_ROWS]
+    norm_and_quantize(w, x, T, D, lt[F_FFN_NORM], need_for(w.mats, g) | need_for(w.mats, u), a, fd[FD_EPS])
+    set_job(jobs, 0, g, 0, 0, T, 0)
+    set_job(jobs, 1, u, 0, 0, T, F)
+    project(w, jobs, 2, a, s.ident, s.Yx, n_chunks)
+    silu_mul(s.Yx, T, F, a.X)
+    quantize_rows(a.X, T, F, need_for(w.mats, d), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
+    set_job(jobs, 0, d, 0, 0, T, 0)
+    project(w, jobs, 1, a, s.ident, s.Yd, n_chunks)
+    for t in range(T):
+        for i in range(D):
+            x[t, i] += s.Yd[t, i]
+
+
+@numba.njit(cache=True, nogil=True)
+def model_layers(w, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah, first, last):
+    """Layers first..last-1 over x [T, D] (lat/pe: [n_layer, rows, C|R] cache pools)."""
+    for layer in range(first, last):
+        lt = w.layers[layer]
+        attention(w, lt, dm, fd, x, T, pos, btab, lat[layer], pe[layer], cos, sin, s, a, ah)
+        if lt[F_MOE]:
+            moe(w, lt, dm, fd, x, T, s, a)
+        else:
+            dense_ffn(w, lt, dm, fd, x, T, s, a)
+
+
+@numba.njit(cache=True, nogil=True)
+def head(w, dm, fd, x, rows, n_rows, norm_vec, head_mat, s, a, logits):
+    """logits[i] = head(rms_norm(x[rows[i]])) for i < n_rows."""
+    D = dm[D_D]
+    for i in range(n_rows):
+        rms_norm(x[rows[i]], D, w.va, w.vecs[norm_vec, 0], fd[FD_EPS], a.X[i])
+    quantize_rows(a.X, n_rows, D, need_for(w.mats, head_mat), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
+    set_job(s.jobs, 0, head_mat, 0, 0, n_rows, 0)
+    project(w, s.jobs, 1, a, s.ident, logits, dm[D_CHUNKS])

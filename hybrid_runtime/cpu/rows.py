@@ -1,0 +1,202 @@
+"""Row kernels of the compiled step: activation quantization into scratch rows, one row dot
+product for any matrix of the weight table, and `run_jobs`, the one parallel region that every
+projection goes through.
+
+A job is (matrix, expert, p0, p1, y_col): for every row r of the matrix (of that expert) and
+every pair p in [p0, p1): Y[p, y_col + r] = W[r] . act[act_row[p]]. The rows of all jobs of a
+call are cut into contiguous chunks, so each thread streams contiguous weight bytes and the
+pairs of a job reuse each row from L1. Each (row, pair) product is computed the same way
+whatever else is in the call: a token's arithmetic does not depend on its batch.
+
+Activation scratch (rows of a fixed width W, the widest input):
+    kq, kn  int8 [rows, W]      Q8_K values, and the same in the Q4_K/Q5_K nibble order
+    kd      f32  [rows, W/256]  Q8_K scales;  ks int16 [rows, W/16] bsums
+    zq      int8 [rows, W]      Q8_0 values;  zd f32 [rows, W/32] (fp16-rounded); zs int16 sums
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+from hybrid_runtime.quant.numba_cache import use_versioned_cache_dir
+
+use_versioned_cache_dir()
+
+from hybrid_runtime.quant import vnni  # noqa: E402
+from hybrid_runtime.quant.kernels import (K_Q2_K, K_Q3_K, K_Q4_K, K_Q5_K, K_Q6_K, K_Q8_0,  # noqa: E402
+                                          q80_block_dot)
+from hybrid_runtime.cpu.table import K_F32, M_COLS, M_ESTRIDE, M_KIND, M_NB, M_OFF, M_ROWS, M_RSTRIDE  # noqa: E402
+
+ACT_NONE, ACT_Q8_K, ACT_Q8_0 = 0, 1, 2
+
+
+@numba.njit(cache=True, inline="always")
+def act_kind(kind):
+    if kind == K_F32:
+        return ACT_NONE
+    return ACT_Q8_0 if kind == K_Q8_0 else ACT_Q8_K
+
+
+@intrinsic
+def _bits_f32(typingctx, v):  # float32 -> its int32 bit pattern
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, b):  # int32 bit pattern -> float32
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@numba.njit(cache=True, inline="always")
+def f16_round(v):
+    """The float32 nearest to v among fp16 values (round half to even), as F16C converts."""
+    if abs(v) < np.float32(6.103515625e-05):  # subnormal fp16: multiples of 2**-24
+        return np.float32(np.rint(v * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08))
+    b = np.int32(_bits_f32(np.float32(v)))
+    b = np.int32(b + np.int32(0xFFF) + ((b >> 13) & 1)) & np.int32(-8192)
+    return _f32_bits(b)
+
+
+@numba.njit(cache=True, nogil=True)
+def quantize_q8_k_row(x, n, qs, qn, d, bs, a):
+    """x f32 [n] -> Q8_K row a of (qs, qn, d, bs), rounding as ggml's quantize_row_q8_K."""
+    for b in range(n // 256):
+        base = 256 * b
+        amax = np.float32(0.0)
+        vmax = np.float32(0.0)
+        for j in range(256):
+            v = x[base + j]
+            if abs(v) > amax:
+                amax = abs(v)
+                vmax = v
+        iscale = np.float32(-127.0) / vmax if amax != 0 else np.float32(0.0)
+        for g in range(16):
+            s = 0
+            for j in range(16):
+                q = min(int(np.rint(iscale * x[base + 16 * g + j])), 127)
+                qs[a, base + 16 * g + j] = q
+                s += q
+            bs[a, 16 * b + g] = s
+        d[a, b] = np.float32(1.0) / iscale if amax != 0 else np.float32(0.0)
+        for c in range(2):  # nibble order per 128: [0:32, 64:96, 32:64, 96:128]
+            o = base + 128 * c
+            for l in range(32):
+                qn[a, o + l] = qs[a, o + l]
+                qn[a, o + 32 + l] = qs[a, o + 64 + l]
+                qn[a, o + 64 + l] = qs[a, o + 32 + l]
+                qn[a, o + 96 + l] = qs[a, o + 96 + l]
+
+
+@numba.njit(cache=True, nogil=True)
+def quantize_q8_0_row(x, n, qs, d, s, a):
+    """x f32 [n] -> Q8_0 row a of (qs, d, s): d = fp16(amax / 127), q = rint(x * 127 / amax)."""
+    for b in range(n // 32):
+        base = 32 * b
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(x[base + j]))
+        inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        t = 0
+        for j in range(32):
+            q = int(np.rint(x[base + j] * inv))
+            qs[a, base + j] = q
+            t += q
+        s[a, b] = t
+        d[a, b] = f16_round(amax / np.float32(127.0))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def quantize_row(x, n, need, kq, kn, kd, ks, zq, zd, zs, a):
+    """Quantize x [n] into row a of the Q8_K and/or Q8_0 scratch (need: bit 1 Q8_K, bit 2 Q8_0)."""
+    if need & 1 and n % 256 == 0:
+        quantize_q8_k_row(x, n, kq, kn, kd, ks, a)
+    if need & 2:
+        quantize_q8_0_row(x, n, zq, zd, zs, a)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def quantize_rows(X, n_rows, n, need, kq, kn, kd, ks, zq, zd, zs):
+    """Rows 0..n_rows of X [rows, >= n] into the same rows of the scratch."""
+    for a in prange(n_rows):
+        quantize_row(X[a], n, need, kq, kn, kd, ks, zq, zd, zs, a)
+
+
+def need_of(*kinds) -> int:
+    need = 0
+    for k in kinds:
+        need |= 2 if k == K_Q8_0 else (0 if k == K_F32 else 1)
+    return need
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def need_for(mats, m):
+    k = mats[m, M_KIND]
+    if k == K_F32:
+        return 0
+    return 2 if k == K_Q8_0 else 1
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def float_dot(w, wo, x, n):  # w: a byte array holding float32 at byte offset wo; x f32 [>= n]
+    wf = w[wo: wo + 4 * n].view(np.float32)
+    acc = np.float32(0.0)
+    for i in range(n):
+        acc += wf[i] * x[i]
+    return acc
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def row_dot(kind, nb, cols, w, wo, X, kq, kn, kd, ks, zq, zd, zs, a):
+    """One weight row (raw blocks at byte wo of w) . activation row a -> float32."""
+    if kind == K_Q4_K:
+        return vnni.q4k_row_dot(w, wo, kn, a * kn.shape[1], ks, a * ks.shape[1], kd, a * kd.shape[1], nb)
+    if kind == K_Q6_K:
+        return vnni.q6k_row_dot(w, wo, kq, a * kq.shape[1], ks, a * ks.shape[1], kd, a * kd.shape[1], nb)
+    if kind == K_Q5_K:
+        return vnni.q5k_row_dot(w, wo, kn, a * kn.shape[1], ks, a * ks.shape[1], kd, a * kd.shape[1], nb)
+    if kind == K_Q2_K:
+        return vnni.q2k_row_dot(w, wo, kq, a * kq.shape[1], ks, a * ks.shape[1], kd, a * kd.shape[1], nb)
+    if kind == K_Q3_K:
+        return vnni.q3k_row_dot(w, wo, kq, a * kq.shape[1], ks, a * ks.shape[1], kd, a * kd.shape[1], nb)
+    if kind == K_Q8_0:
+        v = vnni.q80_row_dot(w, wo, zq, a * zq.shape[1], zs, a * zs.shape[1], zd, a * zd.shape[1], nb // 2)
+        if nb % 2:
+            last = nb - 1
+            v += q80_block_dot(w, wo + 34 * last, zq[a], 32 * last, zd[a], zs[a], last)
+        return v
+    return float_dot(w, wo, X[a], cols)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks):
+    """Every job's rows x pairs (see the module docstring); X f32 [act rows, W] for float weights."""
+    total = 0
+    for j in range(n_jobs):
+        total += mats[jobs[j, 0], M_ROWS]
+    n_chunks = max(1, min(n_chunks, total))
+    for c in prange(n_chunks):
+        start, stop = total * c // n_chunks, total * (c + 1) // n_chunks
+        j, base = 0, 0
+        while base + mats[jobs[j, 0], M_ROWS] <= start:
+            base += mats[jobs[j, 0], M_ROWS]
+            j += 1
+        r = start - base
+        for _ in range(start, stop):
+            m = jobs[j, 0]
+            kind, nb, cols = mats[m, M_KIND], mats[m, M_NB], mats[m, M_COLS]
+            wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + r * mats[m, M_RSTRIDE]
+            col = jobs[j, 4] + r
+            for p in range(jobs[j, 2], jobs[j, 3]):
+                Y[p, col] = row_dot(kind, nb, cols, space, wo, X, kq, kn, kd, ks, zq, zd, zs, act_row[p])
+            r += 1
+            if r == mats[m, M_ROWS]:
+                r = 0
+                j += 1

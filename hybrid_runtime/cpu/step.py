@@ -1,0 +1,239 @@
+"""The compiled CPU step: the whole deepseek2 network for T new tokens in one Numba call.
+
+`CompiledDeepSeek2` is the fast twin of models/deepseek2.DeepSeek2 (the readable definition and
+the reference): same interface (`new_cache`, `forward`, `logits`), same arithmetic as the default
+CPU path (activations rounded to Q8_K / Q8_0 as llama.cpp does, raw GGUF blocks read in place).
+One call runs every layer (cpu/layers.py), a second the head; inside, the work is a handful of
+`prange` regions per layer and no Python, no torch, no allocation.
+
+Tokens of one call may belong to different sequences (`forward_batch`): each has its own
+position and block table, and each token's arithmetic is independent of the others (a sequence's
+logits are bit-identical alone and batched).
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numba
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from hybrid_runtime.config import GATING_SIGMOID, ModelConfig
+from hybrid_runtime.cpu import table as tb
+from hybrid_runtime.cpu.cache import BLOCK, LatentPool, PagedCache
+from hybrid_runtime.errors import UnsupportedModelError
+from hybrid_runtime.quant.cpu_features import has_avx512_vnni
+from hybrid_runtime.quant.registry import get_format
+from hybrid_runtime.weights.gguf_file import GGUFModelFile
+
+Weights = namedtuple("Weights", "space mats vecs va layers")
+Acts = namedtuple("Acts", "X kq kn kd ks zq zd zs")
+Scratch = namedtuple("Scratch", "jobs ident Y1 Q O Y2 Yx Yd q_abs scores ids wts probs sel counts offsets "
+                                "pair_tok pair_of_slot")
+_POOL_SEQS = 4  # full contexts the latent pool holds before it grows
+
+
+def threading_layer() -> str:
+    """Numba's threading layer in use (or the one asked for, before the first parallel call)."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return str(numba.config.THREADING_LAYER)
+
+
+def acts(rows: int, width: int) -> Acts:
+    w = max(256, -(-width // 256) * 256)
+    return Acts(np.zeros((rows, w), np.float32), np.zeros((rows, w), np.int8), np.zeros((rows, w), np.int8),
+                np.zeros((rows, w // 256), np.float32), np.zeros((rows, w // 16), np.int16),
+                np.zeros((rows, w), np.int8), np.zeros((rows, w // 32), np.float32), np.zeros((rows, w // 16), np.int16))
+
+
+def build_table(gf: GGUFModelFile, cfg: ModelConfig, experts: dict) -> tb.WeightTable:
+    """The weight table of every layer; experts: {layer: (gate, up, down) TensorRefs}."""
+    if not cfg.mla_split:
+        raise UnsupportedModelError("the compiled step needs the attn_k_b/attn_v_b layout")
+    t = tb.WeightTable(cfg.n_layer)
+
+    def mat(name):
+        ref = gf.tensor(name)
+        return t.matrix(ref.data, ref.ggml_type)
+
+    def vec(name):
+        ref = gf.tensor(name)
+        return t.vector(get_format(ref.ggml_type).dequantize(ref.data))
+
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        put = lambda field, value: t.set(i, field, value)  # noqa: E731
+        put(tb.F_ATTN_NORM, vec(b + "attn_norm.weight"))
+        if cfg.q_lora_rank:
+            put(tb.F_Q_A, mat(b + "attn_q_a.weight"))
+            put(tb.F_Q_A_NORM, vec(b + "attn_q_a_norm.weight"))
+            put(tb.F_Q_B, mat(b + "attn_q_b.weight"))
+        else:
+            put(tb.F_Q_B, mat(b + "attn_q.weight"))
+        put(tb.F_KV_A, mat(b + "attn_kv_a_mqa.weight"))
+        put(tb.F_KV_A_NORM, vec(b + "attn_kv_a_norm.weight"))
+        put(tb.F_K_B, mat(b + "attn_k_b.weight"))
+        put(tb.F_V_B, mat(b + "attn_v_b.weight"))
+        put(tb.F_O, mat(b + "attn_output.weight"))
+        put(tb.F_FFN_NORM, vec(b + "ffn_norm.weight"))
+        if cfg.is_moe_layer(i):
+            put(tb.F_MOE, 1)
+            put(tb.F_ROUTER, mat(b + "ffn_gate_inp.weight"))
+            if gf.has(b + "exp_probs_b.bias"):
+                put(tb.F_BIAS, vec(b + "exp_probs_b.bias"))
+            gate, up, down = experts[i]
+            put(tb.F_GATE_X, t.matrix(gate.data, gate.ggml_type))
+            put(tb.F_UP_X, t.matrix(up.data, up.ggml_type))
+            put(tb.F_DOWN_X, t.matrix(down.data, down.ggml_type))
+            if cfg.n_expert_shared:
+                for field, name in ((tb.F_GATE, "ffn_gate_shexp"), (tb.F_UP, "ffn_up_shexp"), (tb.F_DOWN, "ffn_down_shexp")):
+                    put(field, mat(f"{b}{name}.weight"))
+        else:
+            put(tb.F_MOE, 0)
+            for field, name in ((tb.F_GATE, "ffn_gate"), (tb.F_UP, "ffn_up"), (tb.F_DOWN, "ffn_down")):
+                put(field, mat(f"{b}{name}.weight"))
+    return t
+
+
+class CompiledDeepSeek2:
+    """The deepseek2 network as one compiled call per step (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, gf: GGUFModelFile, experts: dict, rope, max_tokens: int):
+        if not has_avx512_vnni():
+            raise UnsupportedModelError("the compiled step needs AVX-512 VNNI")
+        from hybrid_runtime.cpu import layers as L
+
+        self.cfg, self.rope, self._L = cfg, rope, L
+        self.table = build_table(gf, cfg, experts)
+        t = self.table
+        self.embed_ref = gf.tensor("token_embd.weight")
+        head_ref = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
+        self.head_mat = t.matrix(head_ref.data, head_ref.ggml_type)
+        self.norm_vec = t.vector(get_format(gf.tensor("output_norm.weight").ggml_type).dequantize(
+            gf.tensor("output_norm.weight").data))
+        space, mats = t.finish()
+        self.w = Weights(space, mats, t.vecs, t.vec_arena, t.layers)
+        self.expert_types = {r.ggml_type for refs in experts.values() for r in refs}
+        self.max_tokens = max_tokens
+        self.dm, self.fd = self._dims()
+        self._scratch(max_tokens)
+        self.pool: LatentPool | None = None
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _dims(self):
+        c, L = self.cfg, self._L
+        dm = np.zeros(L.N_DIMS, np.int64)
+        dm[[L.D_D, L.D_H, L.D_N, L.D_R, L.D_V, L.D_C, L.D_QL]] = (c.n_embd, c.n_head, c.qk_nope, c.qk_rope,
+                                                                 c.v_head, c.kv_lora_rank, c.q_lora_rank)
+        dm[[L.D_E, L.D_K, L.D_NG, L.D_NGU]] = (max(c.n_expert, 1), max(c.n_expert_used, 1), c.n_group, c.n_group_used)
+        dm[L.D_GATING] = 2 if c.gating == GATING_SIGMOID else 1
+        dm[L.D_WNORM], dm[L.D_BS] = int(c.weights_norm), BLOCK
+        dm[L.D_CHUNKS] = 4 * numba.config.NUMBA_NUM_THREADS
+        fd = np.array([c.rms_eps, c.attn_scale, c.weights_scale], np.float64)
+        return dm, fd
+
+    def _scratch(self, T: int) -> None:
+        c, mats = self.cfg, self.w.mats
+        H, K, E = c.n_head, max(c.n_expert_used, 1), max(c.n_expert, 1)
+        lt = self.table.layers
+        ff = [mats[m, tb.M_ROWS] for m in lt[:, [tb.F_GATE, tb.F_GATE_X]].ravel() if m >= 0]
+        F = max(ff) if ff else 1
+        n_th = numba.config.NUMBA_NUM_THREADS
+        hq = H * (c.qk_nope + c.qk_rope)
+        P = T * (K + 1)
+        width = max(c.n_embd, c.q_lora_rank, H * c.v_head, F, c.kv_lora_rank)
+        self.a = acts(P, width)
+        self.ah = acts(T * H + n_th, max(c.qk_nope, c.kv_lora_rank))
+        y1 = max((c.q_lora_rank or hq) + c.kv_lora_rank + c.qk_rope, E + 2 * F)
+        self.s = Scratch(
+            jobs=np.zeros((2 * E + 8, 5), np.int64), ident=np.arange(P, dtype=np.int64),
+            Y1=np.zeros((T, y1), np.float32), Q=np.zeros((T, hq), np.float32),
+            O=np.zeros((T, H * c.v_head), np.float32), Y2=np.zeros((T, c.n_embd), np.float32),
+            Yx=np.zeros((P, 2 * F), np.float32), Yd=np.zeros((P, c.n_embd), np.float32),
+            q_abs=np.zeros((n_th, c.kv_lora_rank), np.float32), scores=np.zeros((n_th, 1), np.float32),
+            ids=np.zeros((T, K), np.int64), wts=np.zeros((T, K), np.float32), probs=np.zeros(E, np.float32),
+            sel=np.zeros(E, np.float32), counts=np.zeros(E, np.int64), offsets=np.zeros(E + 1, np.int64),
+            pair_tok=np.zeros(T * K, np.int64), pair_of_slot=np.zeros(T * K, np.int64))
+        self.logit_rows = np.arange(T, dtype=np.int64)
+
+    def _fit_context(self, n_ctx: int) -> None:
+        if self.s.scores.shape[1] < n_ctx:
+            self.s = self.s._replace(scores=np.zeros((self.s.scores.shape[0], n_ctx), np.float32))
+        if self.rope._cos.shape[0] < n_ctx:
+            self.rope._table(n_ctx)
+        self.cos = np.ascontiguousarray(self.rope._cos.numpy())
+        self.sin = np.ascontiguousarray(self.rope._sin.numpy())
+
+    def describe(self) -> str:
+        return f"all weights on the CPU, compiled step ({threading_layer()} threading layer)"
+
+    def describe_experts(self) -> str:
+        kinds = sorted({QT(int(t)).name for t in self.expert_types})
+        return f"Numba kernels {'/'.join(kinds)}, in place (mmap)" if kinds else "none (dense model)"
+
+    # -- the model interface ----------------------------------------------------------------------
+    def new_cache(self, capacity: int) -> PagedCache:
+        c = self.cfg
+        if self.pool is None:
+            self.pool = LatentPool(c.n_layer, c.kv_lora_rank, c.qk_rope, _POOL_SEQS * (-(-capacity // BLOCK)))
+        self._fit_context(capacity)
+        return PagedCache(self.pool, capacity)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        from hybrid_runtime.quant.kernels import dequantize_rows
+
+        ref = self.embed_ref
+        rows = ref.data[tokens]
+        if ref.ggml_type == QT.F32:
+            return np.array(rows, np.float32)
+        return np.ascontiguousarray(dequantize_rows(ref.ggml_type, rows), np.float32)
+
+    def forward(self, tokens: torch.Tensor, cache: PagedCache) -> torch.Tensor:
+        """tokens [T] at positions cache.n_tokens.. -> hidden [T, D] (before the final norm)."""
+        ids = np.asarray(tokens, np.int64).reshape(-1)
+        T, start = ids.shape[0], cache.n_tokens
+        cache.reserve(start + T)
+        pos = np.arange(start, start + T, dtype=np.int64)
+        x = self._run(ids, pos, np.tile(cache.table, (T, 1)))
+        cache.commit(T)
+        return torch.from_numpy(x)
+
+    def forward_batch(self, tokens, caches: list[PagedCache]) -> torch.Tensor:
+        """One new token for each of B sequences -> hidden [B, D]; each cache grows by one."""
+        ids = np.asarray(tokens, np.int64).reshape(-1)
+        for cache in caches:
+            cache.reserve(cache.n_tokens + 1)
+        pos = np.array([c.n_tokens for c in caches], np.int64)
+        width = max(len(c.table) for c in caches)
+        btab = np.zeros((len(caches), width), np.int64)
+        for i, c in enumerate(caches):
+            btab[i, : len(c.table)] = c.table
+        x = self._run(ids, pos, btab)
+        for cache in caches:
+            cache.commit(1)
+        return torch.from_numpy(x)
+
+    def _run(self, ids: np.ndarray, pos: np.ndarray, btab: np.ndarray) -> np.ndarray:
+        if ids.shape[0] > self.max_tokens:
+            raise ValueError(f"{ids.shape[0]} tokens in one step; the scratch holds {self.max_tokens}")
+        self._fit_context(int(pos.max()) + 1)
+        x = self.embed(ids)
+        pool = self.pool
+        self._L.model_layers(self.w, self.dm, self.fd, x, ids.shape[0], pos, btab, pool.lat, pool.pe, self.cos,
+                             self.sin, self.s, self.a, self.ah, 0, self.cfg.n_layer)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, D] from forward -> logits [n, vocab] (final norm, then the head)."""
+        x = np.ascontiguousarray(hidden.numpy(), np.float32)
+        n = x.shape[0]
+        out = np.empty((n, self.w.mats[self.head_mat, tb.M_ROWS]), np.float32)
+        for i in range(0, n, self.max_tokens):  # the scratch holds max_tokens rows
+            part = x[i: i + self.max_tokens]
+            self._L.head(self.w, self.dm, self.fd, part, self.logit_rows, part.shape[0], self.norm_vec,
+                         self.head_mat, self.s, self.a, out[i: i + self.max_tokens])
+        return torch.from_numpy(out)

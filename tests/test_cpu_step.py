@@ -1,0 +1,150 @@
+"""The compiled CPU step against the torch model (its definition) and against itself batched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+
+import hybrid_runtime as hr
+from hybrid_runtime.cpu.step import CompiledDeepSeek2
+from hybrid_runtime.cpu.table import q8_0_from_32_blocks
+from hybrid_runtime.layers import rms_norm
+from hybrid_runtime.quant.cpu_features import has_avx512_vnni
+
+pytestmark = pytest.mark.skipif(not has_avx512_vnni(), reason="the compiled step needs AVX-512 VNNI")
+
+CASES = [("kimi-k2-tiny", "Q4_K_M"), ("deepseek-v3-tiny", "Q2_K"), ("kimi-k2-tiny", "Q8_0"), ("kimi-k2-tiny", "Q6_K")]
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    models = {}
+
+    def get(preset, quant):
+        if (preset, quant) not in models:
+            path, _ = tiny(preset, quant)
+            compiled = hr.load(path, threads=2, prefill_chunk=64)
+            torch_model = hr.load(path, threads=2, compiled=False)
+            assert isinstance(compiled.net, CompiledDeepSeek2)
+            assert not isinstance(torch_model.net, CompiledDeepSeek2)
+            models[preset, quant] = compiled, torch_model
+        return models[preset, quant]
+
+    return get
+
+
+@pytest.mark.parametrize("preset,quant", CASES)
+def test_each_layer_equals_the_torch_model(loaded, preset, quant):
+    """Same input to each layer's attention and FFN: the compiled layer matches the torch one
+    (same activation rounding; float32 reordering noise, which now and then flips one Q8
+    activation rounding: 1e-4 to 3e-3; a wrong index or scale shows as > 1e-1)."""
+    compiled, ref = loaded(preset, quant)
+    net, tnet, cfg = compiled.net, ref.net, compiled.config
+    rng = np.random.default_rng()
+    T = int(rng.integers(1, 9))
+    toks = rng.integers(0, cfg.n_vocab, T)
+    cache, tcache = net.new_cache(256), tnet.new_cache(256)
+    cache.reserve(T)
+    pos, btab = np.arange(T), np.tile(cache.table, (T, 1))
+    xt = tnet.embed(torch.as_tensor(toks)).clone()
+    L, eps = net._L, cfg.rms_eps
+    for layer in range(cfg.n_layer):
+        lt = net.w.layers[layer]
+        x = xt.numpy().copy()
+        L.attention(net.w, lt, net.dm, net.fd, x, T, pos, btab, net.pool.lat[layer], net.pool.pe[layer],
+                    net.cos, net.sin, net.s, net.a, net.ah)
+        with torch.inference_mode():
+            xt_attn = xt + tnet.attn[layer](rms_norm(xt, tnet.attn_norm[layer], eps), torch.arange(T), tcache)
+        assert _rel(x - xt.numpy(), (xt_attn - xt).numpy()) < 1e-2
+        assert _rel(net.pool.lat[layer][:T], tcache._lat[layer][:T].numpy()) < 1e-2
+        x = xt_attn.numpy().copy()
+        (L.moe if lt[0] else L.dense_ffn)(net.w, lt, net.dm, net.fd, x, T, net.s, net.a)
+        with torch.inference_mode():
+            xt = xt_attn + tnet.ffn[layer](rms_norm(xt_attn, tnet.ffn_norm[layer], eps))
+        assert _rel(x - xt_attn.numpy(), (xt - xt_attn).numpy()) < 1e-2
+
+
+@pytest.mark.parametrize("preset,quant", CASES[:2])
+def test_whole_model_agrees_with_the_torch_model(loaded, preset, quant):
+    """On a random network rounding flips are amplified, so the whole model is judged loosely;
+    the per-layer test above is the tight one and the llama.cpp oracle tests judge the rest."""
+    compiled, ref = loaded(preset, quant)
+    toks = np.random.default_rng().integers(0, compiled.config.n_vocab, 24).tolist()
+    a, b = compiled.logits(toks), ref.logits(toks)
+    assert _rel(a, b) < 0.05
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+
+
+def test_prefill_equals_token_by_token(loaded):
+    """A token's arithmetic does not depend on the tokens that share its call: a prompt run as one
+    chunk and one token at a time gives bit-identical logits."""
+    compiled, _ = loaded("kimi-k2-tiny", "Q4_K_M")
+    toks = np.random.default_rng().integers(0, compiled.config.n_vocab, 20).tolist()
+    whole = compiled.logits(toks)
+    cache = compiled.new_cache()
+    steps = np.concatenate([compiled.forward([t], cache) for t in toks])
+    assert np.array_equal(whole, steps)
+
+
+def test_batched_decode_is_bit_identical_to_alone(loaded):
+    """B sequences at different depths decoded in one step: each one's logits equal its own run."""
+    compiled, _ = loaded("deepseek-v3-tiny", "Q2_K")
+    net, rng = compiled.net, np.random.default_rng()
+    B = 5
+    prompts = [rng.integers(0, compiled.config.n_vocab, int(rng.integers(1, 40))).tolist() for _ in range(B)]
+    nxt = rng.integers(0, compiled.config.n_vocab, B)
+    alone, caches = [], []
+    for p, t in zip(prompts, nxt):
+        c = compiled.new_cache()
+        compiled.forward(p, c)
+        alone.append(compiled.forward([int(t)], c)[0])
+        c2 = compiled.new_cache()
+        compiled.forward(p, c2)
+        caches.append(c2)
+    batched = net.logits(net.forward_batch(nxt, caches)).numpy()
+    assert np.array_equal(batched, np.stack(alone))
+
+
+def test_cache_blocks_return_to_the_pool(loaded):
+    compiled, _ = loaded("kimi-k2-tiny", "Q4_K_M")
+    c = compiled.new_cache()
+    free = len(c.pool._free)
+    compiled.forward(list(range(150)), c)
+    assert len(c.pool._free) == free - 3  # 150 tokens in blocks of 64
+    c.truncate(10)
+    assert len(c.pool._free) == free - 1 and c.n_tokens == 10
+    with pytest.raises(hr.HybridError, match="context full"):
+        c.reserve(c.capacity + 1)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q5_0, QT.IQ4_NL])
+def test_32_blocks_become_q8_0_exactly(qtype):
+    """Q4_0 / Q5_0 / IQ4_NL blocks re-expressed as Q8_0 hold the same values (gguf's dequantizer)."""
+    from gguf import GGML_QUANT_SIZES
+
+    rng = np.random.default_rng()
+    n_blocks, nbytes = 6, GGML_QUANT_SIZES[qtype][1]
+    raw = rng.integers(0, 256, (3, n_blocks * nbytes), dtype=np.uint8)
+    d = (rng.standard_normal((3, n_blocks)) * 0.01).astype(np.float16)
+    raw.reshape(3, n_blocks, nbytes)[:, :, :2] = d[..., None].view(np.uint8)
+    q8 = q8_0_from_32_blocks(raw, qtype)
+    assert np.array_equal(dequantize(q8, QT.Q8_0), dequantize(raw, qtype))
+
+
+def test_weights_are_read_in_place(loaded):
+    """No second copy: the K-quant matrices and experts are addressed inside the mapped file."""
+    compiled, _ = loaded("kimi-k2-tiny", "Q4_K_M")
+    net = compiled.net
+    mm = compiled.file._readers[0].data
+    lo = mm.__array_interface__["data"][0] - net.w.space.__array_interface__["data"][0]
+    lt = net.w.layers[1]
+    for field in (4, 14, 15, 16):  # q_b, gate/up/down experts: K-quants in this file
+        off = net.w.mats[lt[field], 1]
+        assert lo <= off < lo + mm.nbytes
