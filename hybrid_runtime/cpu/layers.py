@@ -29,12 +29,19 @@ FD_EPS, FD_SCALE, FD_WSCALE = range(3)
 N_DIMS, N_FDIMS = 16, 3
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def dot(a, ao, b, bo, n):
+    """sum a[ao + i] * b[bo + i] for i < n in float32, vectorized (a fixed order for given n)."""
+    acc = np.float32(0.0)
+    for i in range(n):
+        acc += a[ao + i] * b[bo + i]
+    return acc
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def rms_norm(x, n, w, wo, eps, out):
     """out[:n] = x[:n] / rms(x[:n]) * va[wo: wo + n] (float32 throughout, as the torch model)."""
-    ss = np.float32(0.0)
-    for i in range(n):
-        ss += x[i] * x[i]
+    ss = dot(x, 0, x, 0, n)
     r = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + np.float32(eps)))
     for i in range(n):
         out[i] = x[i] * r * w[wo + i]
@@ -97,13 +104,7 @@ def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, 
         mx = np.float32(-np.inf)
         for j in range(L):
             row = cache_row(btab, t, j, bs)
-            v = np.float32(0.0)
-            for c in range(C):
-                v += q_abs[c] * lat[row, c]
-            v2 = np.float32(0.0)
-            for r in range(R):
-                v2 += Q[t, q0 + r] * pe[row, r]
-            v = (v + v2) * scale
+            v = (dot(q_abs, 0, lat[row], 0, C) + dot(Q[t], q0, pe[row], 0, R)) * scale
             sc[j] = v
             mx = max(mx, v)
         tot = np.float32(0.0)
@@ -307,14 +308,18 @@ def moe(w, lt, dm, fd, x, T, s, a):
         set_job(jobs, n, ds, 0, P, P + T, 0)
         n += 1
     project(w, jobs, n, a, s.ident, s.Yd, n_chunks)
+    acc = s.Y2[0]
     for t in range(T):  # fixed order per token: k = 0..K-1, then the shared expert
+        acc[:D] = 0.0
+        for k in range(K):
+            wk, yk = s.wts[t, k], s.Yd[s.pair_of_slot[t * K + k]]
+            for i in range(D):
+                acc[i] += wk * yk[i]
+        if gs >= 0:
+            for i in range(D):
+                acc[i] += s.Yd[P + t, i]
         for i in range(D):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += s.wts[t, k] * s.Yd[s.pair_of_slot[t * K + k], i]
-            if gs >= 0:
-                acc += s.Yd[P + t, i]
-            x[t, i] += acc
+            x[t, i] += acc[i]
 
 
 @numba.njit(cache=True, nogil=True)
