@@ -24,9 +24,9 @@ from hybrid_runtime.cpu.table import (F_ATTN_NORM, F_BIAS, F_DOWN, F_DOWN_X, F_F
                                       M_ESTRIDE, M_KIND, M_NB, M_OFF, M_ROWS, M_RSTRIDE)
 
 (D_D, D_H, D_N, D_R, D_V, D_C, D_QL, D_E, D_K, D_NG, D_NGU, D_GATING, D_WNORM, D_BS, D_CHUNKS,
- D_LMAX) = range(16)
+ D_LMAX, D_HG) = range(17)
 FD_EPS, FD_SCALE, FD_WSCALE = range(3)
-N_DIMS, N_FDIMS = 16, 3
+N_DIMS, N_FDIMS = 17, 3
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -36,6 +36,13 @@ def dot(a, ao, b, bo, n):
     for i in range(n):
         acc += a[ao + i] * b[bo + i]
     return acc
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def axpy(y, p, x, n):
+    """y[:n] += p * x[:n] (float32, vectorized)."""
+    for i in range(n):
+        y[i] += p * x[i]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -83,47 +90,56 @@ def cache_row(btab, t, j, bs):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, q_abs_t, scores_t,
+def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, q_abs_t, scores_t, mx_t,
                    X, kq, kn, kd, ks, zq, zd, zs):
-    """Per (token, head): q_abs = k_b q_nope; softmax((q_abs.c_j + q_pe.pe_j) scale) over j <= pos;
-    o_lat = sum p_j c_j; o = v_b o_lat -> O[t, h*V:(h+1)*V]. The q_nope rows are quantized in
-    activation rows t*H + h; rows T*H + thread hold each thread's o_lat. (Arrays are passed one by
-    one: Numba's parallel regions take no tuples.)"""
-    H, N, R, V, C, bs = dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_BS]
+    """Per (token, group of HG heads): q_abs = k_b q_nope per head; then one pass over the token's
+    cache rows serves every head of the group (MLA shares one latent across heads, so a row is read
+    once per group, not once per head): scores, softmax, o_lat = sum p_j c_j; o = v_b o_lat ->
+    O[t, h*V:(h+1)*V]. q_nope rows are quantized in activation rows t*H + h; rows T*H + thread*HG +
+    i hold a thread's o_lat rows. A head's arithmetic does not depend on its group. (Arrays are
+    passed one by one: Numba's parallel regions take no tuples.)"""
+    H, N, R, V, C, bs, HG, LM = dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_BS], dm[D_HG], dm[D_LMAX]
     kind_k, nb_k, rs_k, es_k, off_k = mats[kb, M_KIND], mats[kb, M_NB], mats[kb, M_RSTRIDE], mats[kb, M_ESTRIDE], mats[kb, M_OFF]
     kind_v, nb_v, rs_v, es_v, off_v = mats[vb, M_KIND], mats[vb, M_NB], mats[vb, M_RSTRIDE], mats[vb, M_ESTRIDE], mats[vb, M_OFF]
     need_v = need_for(mats, vb)
-    for item in prange(T * H):
-        t, h = item // H, item % H
+    n_groups = (H + HG - 1) // HG
+    for item in prange(T * n_groups):
+        t, g = item // n_groups, item % n_groups
+        h0 = g * HG
+        nh = min(H, h0 + HG) - h0
         tid = numba.get_thread_id()
-        q_abs, sc, o_lat = q_abs_t[tid], scores_t[tid], X[T * H + tid]
-        for c in range(C):
-            q_abs[c] = row_dot(kind_k, nb_k, N, space, off_k + h * es_k + c * rs_k, X, kq, kn, kd, ks, zq, zd, zs, item)
-        L = pos[t] + 1
-        q0 = h * (N + R) + N  # q_pe of head h
-        mx = np.float32(-np.inf)
-        for j in range(L):
-            row = cache_row(btab, t, j, bs)
-            v = (dot(q_abs, 0, lat[row], 0, C) + dot(Q[t], q0, pe[row], 0, R)) * scale
-            sc[j] = v
-            mx = max(mx, v)
-        tot = np.float32(0.0)
-        for j in range(L):
-            e = np.float32(math.exp(sc[j] - mx))
-            sc[j] = e
-            tot += e
-        for c in range(C):
-            o_lat[c] = 0.0
-        for j in range(L):
-            row = cache_row(btab, t, j, bs)
-            p = sc[j] / tot
+        qa, sc, mx = q_abs_t[tid], scores_t[tid], mx_t[tid]
+        for i in range(nh):
             for c in range(C):
-                o_lat[c] += p * lat[row, c]
-        arow = T * H + tid
-        quantize_row(o_lat, C, need_v, kq, kn, kd, ks, zq, zd, zs, arow)
-        for v_ in range(V):
-            O[t, h * V + v_] = row_dot(kind_v, nb_v, C, space, off_v + h * es_v + v_ * rs_v,
-                                       X, kq, kn, kd, ks, zq, zd, zs, arow)
+                qa[i * C + c] = row_dot(kind_k, nb_k, N, space, off_k + (h0 + i) * es_k + c * rs_k,
+                                        X, kq, kn, kd, ks, zq, zd, zs, t * H + h0 + i)
+            mx[i] = -np.inf
+        L = pos[t] + 1
+        for j in range(L):
+            row = cache_row(btab, t, j, bs)
+            for i in range(nh):
+                v = (dot(qa, i * C, lat[row], 0, C) + dot(Q[t], (h0 + i) * (N + R) + N, pe[row], 0, R)) * scale
+                sc[i * LM + j] = v
+                mx[i] = max(mx[i], v)
+        for i in range(nh):
+            tot = np.float32(0.0)
+            for j in range(L):
+                e = np.float32(math.exp(sc[i * LM + j] - mx[i]))
+                sc[i * LM + j] = e
+                tot += e
+            mx[i] = tot  # now the softmax denominator
+            X[T * H + tid * HG + i, :C] = 0.0
+        for j in range(L):
+            row = cache_row(btab, t, j, bs)
+            for i in range(nh):
+                axpy(X[T * H + tid * HG + i], sc[i * LM + j] / mx[i], lat[row], C)
+        for i in range(nh):
+            arow = T * H + tid * HG + i
+            quantize_row(X[arow], C, need_v, kq, kn, kd, ks, zq, zd, zs, arow)
+            h = h0 + i
+            for v_ in range(V):
+                O[t, h * V + v_] = row_dot(kind_v, nb_v, C, space, off_v + h * es_v + v_ * rs_v,
+                                           X, kq, kn, kd, ks, zq, zd, zs, arow)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -161,7 +177,7 @@ def attention(w, lt, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah):
             ah.X[t * H + h, :N] = s.Q[t, h * (N + R): h * (N + R) + N]
             quantize_row(ah.X[t * H + h], N, need_k, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs, t * H + h)
     attention_core(w.space, w.mats, lt[F_K_B], lt[F_V_B], dm, np.float32(fd[FD_SCALE]), T, pos, btab, lat, pe,
-                   s.Q, s.O, s.q_abs, s.scores, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs)
+                   s.Q, s.O, s.q_abs, s.scores, s.mx, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs)
     wo = lt[F_O]
     quantize_rows(s.O, T, H * V, need_for(w.mats, wo), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
     for t in range(T):

@@ -30,7 +30,7 @@ from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
 Weights = namedtuple("Weights", "space mats vecs va layers")
 Acts = namedtuple("Acts", "X kq kn kd ks zq zd zs")
-Scratch = namedtuple("Scratch", "jobs ident Y1 Q O Y2 Yx Yd q_abs scores ids wts probs sel counts offsets "
+Scratch = namedtuple("Scratch", "jobs ident Y1 Q O Y2 Yx Yd q_abs scores mx ids wts probs sel counts offsets "
                                 "pair_tok pair_of_slot")
 _POOL_SEQS = 4  # full contexts the latent pool holds before it grows
 
@@ -133,6 +133,8 @@ class CompiledDeepSeek2:
         dm[L.D_GATING] = 2 if c.gating == GATING_SIGMOID else 1
         dm[L.D_WNORM], dm[L.D_BS] = int(c.weights_norm), BLOCK
         dm[L.D_CHUNKS] = 4 * numba.config.NUMBA_NUM_THREADS
+        # heads per attention work item: one group per thread (at most 16 heads share a pass)
+        dm[L.D_HG] = max(1, min(16, -(-c.n_head // numba.config.NUMBA_NUM_THREADS)))
         fd = np.array([c.rms_eps, c.attn_scale, c.weights_scale], np.float64)
         return dm, fd
 
@@ -147,22 +149,26 @@ class CompiledDeepSeek2:
         P = T * (K + 1)
         width = max(c.n_embd, c.q_lora_rank, H * c.v_head, F, c.kv_lora_rank)
         self.a = acts(P, width)
-        self.ah = acts(T * H + n_th, max(c.qk_nope, c.kv_lora_rank))
+        hg = int(self.dm[self._L.D_HG])
+        self.ah = acts(T * H + n_th * hg, max(c.qk_nope, c.kv_lora_rank))
         y1 = max((c.q_lora_rank or hq) + c.kv_lora_rank + c.qk_rope, E + 2 * F)
         self.s = Scratch(
             jobs=np.zeros((2 * E + 8, 5), np.int64), ident=np.arange(P, dtype=np.int64),
             Y1=np.zeros((T, y1), np.float32), Q=np.zeros((T, hq), np.float32),
             O=np.zeros((T, H * c.v_head), np.float32), Y2=np.zeros((T, c.n_embd), np.float32),
             Yx=np.zeros((P, 2 * F), np.float32), Yd=np.zeros((P, c.n_embd), np.float32),
-            q_abs=np.zeros((n_th, c.kv_lora_rank), np.float32), scores=np.zeros((n_th, 1), np.float32),
+            q_abs=np.zeros((n_th, hg * c.kv_lora_rank), np.float32), scores=np.zeros((n_th, hg), np.float32),
+            mx=np.zeros((n_th, hg), np.float32),
             ids=np.zeros((T, K), np.int64), wts=np.zeros((T, K), np.float32), probs=np.zeros(E, np.float32),
             sel=np.zeros(E, np.float32), counts=np.zeros(E, np.int64), offsets=np.zeros(E + 1, np.int64),
             pair_tok=np.zeros(T * K, np.int64), pair_of_slot=np.zeros(T * K, np.int64))
         self.logit_rows = np.arange(T, dtype=np.int64)
 
     def _fit_context(self, n_ctx: int) -> None:
-        if self.s.scores.shape[1] < n_ctx:
-            self.s = self.s._replace(scores=np.zeros((self.s.scores.shape[0], n_ctx), np.float32))
+        hg = int(self.dm[self._L.D_HG])
+        if self.dm[self._L.D_LMAX] < n_ctx:  # scores: [threads, heads per group * n_ctx]
+            self.s = self.s._replace(scores=np.zeros((self.s.scores.shape[0], hg * n_ctx), np.float32))
+            self.dm[self._L.D_LMAX] = n_ctx
         if self.rope._cos.shape[0] < n_ctx:
             self.rope._table(n_ctx)
         self.cos = np.ascontiguousarray(self.rope._cos.numpy())
