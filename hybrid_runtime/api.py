@@ -179,7 +179,7 @@ def load(path: str | Path, **options) -> Model:
     betas = (opts.yarn_beta_fast if opts.yarn_beta_fast is not None else beta_fast,
              opts.yarn_beta_slow if opts.yarn_beta_slow is not None else beta_slow)
     rope = Rope(cfg.qk_rope, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx, *betas)
-    net = build_compiled(gf, cfg, opts, rope)
+    net = build_compiled(gf, cfg, opts, rope, lambda w: arch.DeepSeek2(cfg, w, rope))
     weights = net if net is not None else build_weights(gf, cfg, opts)
     if net is None:
         net = arch.DeepSeek2(cfg, weights, rope)

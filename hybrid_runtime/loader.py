@@ -47,7 +47,7 @@ def wants_device(opts: RuntimeOptions) -> bool:
     return opts.device in ("cuda", "hybrid") or (opts.device == "auto" and torch.cuda.is_available())
 
 
-def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions):
+def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, stored: dict | None = None):
     if wants_device(opts):
         from hybrid_runtime.plan import plan_from_options
         from hybrid_runtime.weights.device import build_hybrid_weights
@@ -61,7 +61,7 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions):
         return RoundedWeights(gf, lambda layer: FloatExperts(*expert_refs(gf, layer), round_act=True),
                               kernels=False)
     numa = numa_executor(opts)
-    stored = prepared_expert_refs(gf, cfg, opts)
+    stored = stored if stored is not None else prepared_expert_refs(gf, cfg, opts)
 
     def experts(layer: int):
         refs = stored[layer]
@@ -101,7 +101,7 @@ def compiled_step_applies(opts: RuntimeOptions) -> bool:
             and not opts.numa_config)
 
 
-def build_compiled(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, rope):
+def build_compiled(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, rope, torch_model):
     """The compiled CPU step, or None where it does not apply (the torch model runs instead):
     no AVX-512 VNNI, the legacy attn_kv_b layout, or a tensor type without a kernel."""
     from hybrid_runtime.errors import UnsupportedModelError
@@ -114,7 +114,14 @@ def build_compiled(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, ro
         return None
     from hybrid_runtime.cpu.step import CompiledDeepSeek2
 
+    from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
+
+    stored = prepared_expert_refs(gf, cfg, opts)
     try:
-        return CompiledDeepSeek2(cfg, gf, prepared_expert_refs(gf, cfg, opts), rope, opts.prefill_chunk)
+        step = CompiledDeepSeek2(cfg, gf, stored, rope, opts.prefill_chunk)
     except UnsupportedModelError:
         return None
+    if opts.prefill_chunk >= TORCH_MIN_TOKENS:  # large chunks: the torch model on the same cache
+        step.prefill_net = torch_model(build_weights(gf, cfg, opts, stored))
+        step.prefill_min_tokens = TORCH_MIN_TOKENS
+    return step

@@ -148,3 +148,21 @@ def test_weights_are_read_in_place(loaded):
     for field in (4, 14, 15, 16):  # q_b, gate/up/down experts: K-quants in this file
         off = net.w.mats[lt[field], 1]
         assert lo <= off < lo + mm.nbytes
+
+
+def test_long_prefill_through_the_torch_model_shares_the_paged_cache(tiny):
+    """Chunks of >= TORCH_MIN_TOKENS go through the torch model into the same paged cache; decode
+    then continues in the compiled step and agrees with the torch model alone."""
+    from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
+
+    path, _ = tiny("kimi-k2-tiny", "Q4_K_M")
+    compiled, ref = hr.load(path, threads=2), hr.load(path, threads=2, compiled=False)
+    assert compiled.net.prefill_net is not None
+    rng = np.random.default_rng()
+    prompt = rng.integers(0, compiled.n_vocab, TORCH_MIN_TOKENS + 7).tolist()
+    nxt = rng.integers(0, compiled.n_vocab, 4).tolist()
+    c, r = compiled.new_cache(), ref.new_cache()
+    a = [compiled.forward(prompt, c)] + [compiled.forward([t], c) for t in nxt]
+    b = [ref.forward(prompt, r)] + [ref.forward([t], r) for t in nxt]
+    assert c.n_tokens == r.n_tokens == len(prompt) + len(nxt)
+    assert _rel(np.concatenate(a), np.concatenate(b)) < 0.05

@@ -60,6 +60,24 @@ class PagedCache:
             self.table[len(self.blocks)] = self.pool.take()
             self.blocks.append(int(self.table[len(self.blocks)]))
 
+    def rows(self, start: int, end: int) -> np.ndarray:
+        """Pool rows of tokens start..end-1."""
+        j = np.arange(start, end)
+        return np.asarray(self.table)[j // BLOCK] * BLOCK + j % BLOCK
+
+    def append(self, layer: int, latent, k_pe):
+        """The LatentCache interface for the torch model (large prefill chunks): write T entries
+        after the committed ones; return copies of all L entries of this layer as torch tensors."""
+        import torch
+
+        start, T = self.n_tokens, latent.shape[0]
+        self.reserve(start + T)
+        new = self.rows(start, start + T)
+        self.pool.lat[layer][new] = latent.numpy()
+        self.pool.pe[layer][new] = k_pe.numpy()
+        every = self.rows(0, start + T)
+        return torch.from_numpy(self.pool.lat[layer][every]), torch.from_numpy(self.pool.pe[layer][every])
+
     def commit(self, n: int) -> None:
         self.n_tokens += n
 

@@ -102,7 +102,8 @@ def build_table(gf: GGUFModelFile, cfg: ModelConfig, experts: dict) -> tb.Weight
 class CompiledDeepSeek2:
     """The deepseek2 network as one compiled call per step (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, gf: GGUFModelFile, experts: dict, rope, max_tokens: int):
+    def __init__(self, cfg: ModelConfig, gf: GGUFModelFile, experts: dict, rope, max_tokens: int,
+                 prefill_net=None, prefill_min_tokens: int = 1 << 30):
         if not has_avx512_vnni():
             raise UnsupportedModelError("the compiled step needs AVX-512 VNNI")
         from hybrid_runtime.cpu import layers as L
@@ -117,6 +118,9 @@ class CompiledDeepSeek2:
             gf.tensor("output_norm.weight").data))
         space, mats = t.finish()
         self.w = Weights(space, mats, t.vecs, t.vec_arena, t.layers)
+        # chunks of >= prefill_min_tokens tokens go through the torch model (oneDNN GEMMs beat the
+        # row kernels there); it reads and writes the same paged cache
+        self.prefill_net, self.prefill_min_tokens = prefill_net, prefill_min_tokens
         self.expert_types = {r.ggml_type for refs in experts.values() for r in refs}
         self.max_tokens = max_tokens
         self.dm, self.fd = self._dims()
@@ -202,6 +206,8 @@ class CompiledDeepSeek2:
         """tokens [T] at positions cache.n_tokens.. -> hidden [T, D] (before the final norm)."""
         ids = np.asarray(tokens, np.int64).reshape(-1)
         T, start = ids.shape[0], cache.n_tokens
+        if self.prefill_net is not None and T >= self.prefill_min_tokens:
+            return self.prefill_net.hidden(torch.as_tensor(ids), cache)
         cache.reserve(start + T)
         pos = np.arange(start, start + T, dtype=np.int64)
         x = self._run(ids, pos, np.tile(cache.table, (T, 1)))

@@ -208,6 +208,11 @@ class DeepSeek2:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """tokens [T] at positions cache.n_tokens.. -> final normed hidden [T, D]; the cache grows by T."""
+        return rms_norm(self.hidden(tokens, cache), self.out_norm, self.cfg.rms_eps)
+
+    @torch.inference_mode()
+    def hidden(self, tokens: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """The residual stream after the last layer [T, D] (before the final norm)."""
         eps = self.cfg.rms_eps
         pos = torch.arange(cache.n_tokens, cache.n_tokens + tokens.shape[0])
         x = self.embed(tokens)  # [T, D]
@@ -215,7 +220,7 @@ class DeepSeek2:
             x = x + self.attn[i](rms_norm(x, self.attn_norm[i], eps), pos, cache)
             x = x + self.ffn[i](rms_norm(x, self.ffn_norm[i], eps))
         cache.commit(tokens.shape[0])
-        return rms_norm(x, self.out_norm, eps)
+        return x
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
