@@ -166,11 +166,9 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ):
     """Print the architecture, sizes, tensor types and the memory the model needs (no weights are read)."""
-    from hybrid_runtime.models import get_architecture
-    from hybrid_runtime.weights.gguf_file import GGUFModelFile
+    from hybrid_runtime.weights.model_file import open_model_file
 
-    gf = GGUFModelFile(model)
-    cfg = get_architecture(gf.architecture).read_config(gf)
+    gf, _, cfg = open_model_file(model)  # the same validation as load()
     info = inspect_summary(gf, cfg)
     plan = _plan(gf, cfg, gpu_mem, cpu_moe, n_cpu_moe, override, n_ctx) if gpu_mem is not None else None
     if as_json:
