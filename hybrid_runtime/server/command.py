@@ -47,6 +47,9 @@ def serve_command(
         options.update(opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
         options.update(opt.gpu_path_options(expert_profile, record_routing, speculative_prefetch, cuda_graphs))
         RuntimeOptions(**options).validate()  # bad paths fail here, before the socket opens
+        from hybrid_runtime.weights.model_file import open_model_file
+
+        open_model_file(model)  # a corrupt or inconsistent file too (headers only, no weights read)
     except HybridError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1)
