@@ -273,3 +273,32 @@ def test_slowloris_and_a_stalled_stream_reader_do_not_block_others(server):
     finally:
         for s in [*slow, trickle, stalled]:
             s.close()
+
+
+# -- schema-driven fuzzing -------------------------------------------------------------------------
+def _bounded(case):
+    """Keep each generated request short: no streams, at most 4 new tokens."""
+    if isinstance(case.body, dict):
+        case.body.pop("stream", None)
+        case.body["max_tokens"] = 4
+    return case
+
+
+def test_schemathesis_finds_no_5xx(server):
+    """Requests generated from the server's own OpenAPI document: never a 5xx (bounded count)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = schemathesis.openapi.from_url(server[0] + "/openapi.json")
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert len(operations) == 4
+    strategy = st.one_of([op.as_strategy() for op in operations]).map(_bounded)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(strategy)
+    def no_server_error(case):
+        response = case.call(headers=AUTH, timeout=60)
+        assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
+
+    no_server_error()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from hybrid_runtime.server.openapi import openapi_document
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 MAX_BODY = 16 << 20  # bytes; a 128K-token prompt as text is well under 1 MiB
 BODY_TIMEOUT_S = 30.0  # a client that trickles its body (slowloris) is cut off after this
@@ -58,6 +60,8 @@ class RequestGuard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         try:
             self._check_host(headers)
+            if scope["method"] == "GET" and scope["path"] == "/openapi.json":
+                return await _send_json(send, 200, openapi_document())
             if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
                 body = await self._read_body(headers, receive)
                 receive = _replay(body, receive)
@@ -112,9 +116,13 @@ def _replay(body: bytes, original):
 
 
 async def _send_error(send, e: _Refused) -> None:
-    body = json.dumps({"error": {"message": str(e), "type": "invalid_request_error", "param": None,
-                                 "code": e.code}}).encode()
-    await send({"type": "http.response.start", "status": e.status,
+    await _send_json(send, e.status, {"error": {"message": str(e), "type": "invalid_request_error", "param": None,
+                                                "code": e.code}})
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
