@@ -87,9 +87,9 @@ def load_numa_config(path: str | Path) -> NumaConfig:
 
 def model_expert_bytes(path: str | Path) -> int:
     """Bytes of routed-expert tensors (names containing `_exps`) in a GGUF file."""
-    from hybrid_runtime.weights.model_file import open_model_file
+    from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
-    gf, _, _ = open_model_file(path)  # the loader's validation: a bad file is one clear error
+    gf = GGUFModelFile(path)  # the loader's container checks: a corrupt file is one clear error
     return sum(t.n_bytes for t in gf.tensors.values() if "_exps" in t.name)
 
 
