@@ -14,10 +14,10 @@ from hybrid_runtime.engine.generate import Sequence, Stats, generate
 from hybrid_runtime.engine.sampling import SamplingParams
 from hybrid_runtime.errors import HybridError, InvalidRequestError
 from hybrid_runtime.layers import Rope
-from hybrid_runtime.loader import build_compiled, build_weights, check_tensor_types, configure_threads
-from hybrid_runtime.models import get_architecture
+from hybrid_runtime.loader import build_compiled, build_weights, configure_threads
 from hybrid_runtime.tokenizer import Tokenizer
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
+from hybrid_runtime.weights.model_file import open_model_file
 
 _DEFAULT_CTX = 8192
 
@@ -169,10 +169,7 @@ def load(path: str | Path, **options) -> Model:
     if unknown:
         raise InvalidRequestError(f"unknown load option {unknown[0]!r} (known: {', '.join(sorted(known))})")
     opts = RuntimeOptions(**options).validate()
-    gf = GGUFModelFile(path)
-    arch = get_architecture(gf.architecture)
-    cfg = arch.read_config(gf)
-    check_tensor_types(gf)
+    gf, arch, cfg = open_model_file(path)  # the same validation as `inspect`
     tokenizer = Tokenizer(gf)
     configure_threads(opts.threads)
     beta_fast, beta_slow = cfg.default_yarn_betas

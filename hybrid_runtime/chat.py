@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
+import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,11 +223,25 @@ def save(s: ChatSession, path: str) -> None:
     data = {"version": 1, "system": s.system, "messages": s.messages,
             "settings": {f.name: getattr(s.params, f.name) for f in dataclasses.fields(s.params)}}
     try:
-        Path(path).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        write_atomically(Path(path).expanduser(), json.dumps(data, indent=2, ensure_ascii=False))
     except OSError as e:
         _say(f"Could not save to {path}: {e.strerror or e}.")
         return
     _say(f"Saved {len(s.messages)} messages to {path}.")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file next to `path`, then rename: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_history(s: ChatSession, path: str) -> None:
@@ -232,17 +249,22 @@ def load_history(s: ChatSession, path: str) -> None:
         _say("Usage: /load FILE")
         return
     try:
-        data = json.loads(Path(path).expanduser().read_text())
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
         msgs, system = _check_history(data)
         params = dataclasses.replace(s.params, **_known_settings(data.get("settings") or {})).validate()
     except OSError as e:
         _say(f"Could not read {path}: {e.strerror or e}.")
         return
-    except (ValueError, TypeError, InvalidRequestError) as e:
-        _say(f"{path} is not a saved conversation ({e}).")
+    except (ValueError, TypeError, RecursionError, InvalidRequestError) as e:  # UnicodeDecodeError is a ValueError
+        _say(f"{path} is not a saved conversation ({_short(e)}).")
         return
     s.messages, s.system, s.params = msgs, system, params
     _say(f"Loaded {len(msgs)} messages from {path}.")
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
 
 
 def _check_history(data) -> tuple[list[dict], str | None]:
@@ -263,7 +285,22 @@ def _known_settings(settings: dict) -> dict:
     if not isinstance(settings, dict):
         raise ValueError("settings must be an object")
     names = {f.name for f in dataclasses.fields(SamplingParams)} - {"logprobs"}
-    return {k: v for k, v in settings.items() if k in names}
+    known = {k: v for k, v in settings.items() if k in names}
+    for k, v in known.items():
+        if not _setting_type_ok(k, v):
+            raise ValueError(f"setting {k} has the wrong type ({type(v).__name__})")
+    return known
+
+
+def _setting_type_ok(name: str, value) -> bool:
+    if name == "stop":
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    if name == "seed":
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    default = getattr(SamplingParams(), name)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if isinstance(default, int) else isinstance(value, (int, float))
 
 
 def run_command(s: ChatSession, line: str) -> bool:
@@ -342,6 +379,13 @@ def repl(s: ChatSession) -> None:
 
 
 # -- the command -----------------------------------------------------------------------------------
+def install_sigint_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt however we were started (a background job or nohup inherits
+    SIGINT ignored, and Python then leaves it ignored): the prompt, the load and a reply rely on it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _load_model(model: Path, options: dict):
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -381,6 +425,7 @@ def chat_command(
     """Chat with MODEL in the terminal."""
     from hybrid_runtime.engine.scheduler import Engine
 
+    install_sigint_handler()
     options = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads), ("compute", compute)) if v is not None}
     try:
         options.update(opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))

@@ -17,6 +17,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from hybrid_runtime import cli_options as opt
+
+try:  # typer >= 0.24 carries its own copy of click
+    from typer._click import exceptions as click_errors
+    from typer._click.globals import get_current_context
+except ImportError:  # older typer: click itself
+    from click import exceptions as click_errors
+    from click import get_current_context
 from hybrid_runtime.errors import HybridError, InvalidRequestError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,24 +35,48 @@ err = Console(stderr=True, highlight=False)
 
 
 def user_errors(fn):
-    """Turn HybridError (and Ctrl-C) into one line on stderr and exit code 1, never a traceback."""
+    """Turn HybridError (and Ctrl-C) into one line on stderr and exit code 1, never a traceback;
+    anything unexpected is one line too, unless `--debug` asks for the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click_errors.ClickException):
+            raise
         except HybridError as e:
-            err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)  # one line, even past 80 columns
-            raise typer.Exit(1)
+            _one_line_error(str(e))
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130)
         except OSError as e:
             where = getattr(e, "filename", "") or ""
-            err.print(f"[red]error:[/red] {escape(str(e.strerror or e))}: {escape(str(where))}", soft_wrap=True)
-            raise typer.Exit(1)
+            _one_line_error(f"{e.strerror or e}: {where}" if where else str(e.strerror or e))
+        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: one line, --debug for more
+            if _debug():
+                raise
+            _one_line_error(f"internal error ({type(e).__name__}: {_first_line(e)}); run with --debug for the traceback")
 
     return wrapper
+
+
+def _one_line_error(message: str):
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # one line, even past 80 columns
+    raise typer.Exit(1)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:300]
+
+
+def _debug() -> bool:
+    ctx = get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug")) or "--debug" in sys.argv
+
+
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error")):
+    """Run Kimi K2 / DeepSeek-V3 GGUF models: experts on the CPU, the rest on one GPU."""
 
 
 def _load(model: Path, compute: str, threads: Optional[int], n_ctx: Optional[int] = None, **more):
@@ -166,11 +197,9 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ):
     """Print the architecture, sizes, tensor types and the memory the model needs (no weights are read)."""
-    from hybrid_runtime.models import get_architecture
-    from hybrid_runtime.weights.gguf_file import GGUFModelFile
+    from hybrid_runtime.weights.model_file import open_model_file
 
-    gf = GGUFModelFile(model)
-    cfg = get_architecture(gf.architecture).read_config(gf)
+    gf, _, cfg = open_model_file(model)  # the same validation as load()
     info = inspect_summary(gf, cfg)
     plan = _plan(gf, cfg, gpu_mem, cpu_moe, n_cpu_moe, override, n_ctx) if gpu_mem is not None else None
     if as_json:
@@ -384,24 +413,39 @@ def bench_gpu_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, a
 
 def main() -> None:
     _mount_optional()
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:  # a bare command: its help
+        print(e.ctx.get_help() if e.ctx is not None else e.format_message(), file=sys.stderr)
+        sys.exit(2)
+    except click_errors.UsageError as e:  # a bad flag or argument: one line, exit 2
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        err.print(f"[red]error:[/red] {escape(e.format_message())}{escape(hint)}", soft_wrap=True)
+        sys.exit(2)
+    except click_errors.ClickException as e:
+        err.print(f"[red]error:[/red] {escape(e.format_message())}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _mount_optional() -> None:
     """Commands whose modules are optional extras (server needs fastapi)."""
     from hybrid_runtime.chat import chat_command
 
-    app.command("chat")(chat_command)
+    app.command("chat")(user_errors(chat_command))
     from hybrid_runtime.numa.tune import numa_tune_command
 
-    app.command("numa-tune")(numa_tune_command)
+    app.command("numa-tune")(user_errors(numa_tune_command))
     try:
         import fastapi  # noqa: F401  (the server extra)
     except ImportError:
         return
     from hybrid_runtime.server import serve_command
 
-    app.command("serve")(serve_command)
+    app.command("serve")(user_errors(serve_command))
 
 
 if __name__ == "__main__":

@@ -42,3 +42,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    """Children spawned by the tests get default signal dispositions: a run started with SIGINT
+    ignored (a background job, nohup) would otherwise hand that on to every CLI it starts."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -145,3 +145,57 @@ def test_garbage_profile_is_rejected(model, tmp_path):
     bad.write_bytes(np.random.default_rng().integers(0, 256, 64, dtype=np.uint8).tobytes())
     r = run("generate", model, "-p", "hi", "-n", "1", "--threads", "1", "--expert-profile", bad)
     assert r.returncode == 1 and "garbage.json" in r.stderr and "error:" in r.stderr
+
+
+COMMANDS_ON_A_FILE = {
+    "inspect": [], "generate": ["-p", "hi", "-n", "1"], "chat": ["--single-turn", "hi"], "serve": ["--port", "0"],
+    "verify": [], "bench decode": ["--n-gen", "1"], "numa-tune": ["--dry-run"],
+}
+
+
+def _error_lines(r) -> list[str]:
+    return [l for l in r.stderr.splitlines() if "error" in l.lower()]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS_ON_A_FILE))
+def test_every_command_on_a_corrupt_file_is_one_line(model, tmp_path, command):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(model.read_bytes()[:100_000])  # a truncated download: header whole, data cut
+    if command == "numa-tune":
+        r = run(command, "--model", bad, "--out", tmp_path / "numa.json", "--dry-run")
+    elif command == "inspect":
+        r = run(command, bad)
+    else:
+        r = run(*command.split(), bad, *COMMANDS_ON_A_FILE[command], "--threads", "1", timeout=120)
+    assert r.returncode != 0
+    errors = _error_lines(r)
+    assert len(errors) == 1 and "runs past the end of the file" in errors[0] and str(bad) in errors[0], r.stderr
+
+
+@pytest.mark.parametrize("args", [["numa-tune", "--bogus"], ["numa-tune", "--out", "/no/such/dir/numa.json", "--dry-run"],
+                                  ["chat", "MODEL", "--temp", "hot"], ["serve", "MODEL", "--port", "70000"],
+                                  ["verify", "MODEL", "--bogus"], ["bench", "decode", "MODEL", "--threads", "x"],
+                                  ["inspect", "MODEL", "--n-cpu-moe", "-3", "--gpu-mem", "1GiB"],
+                                  ["generate", "MODEL", "-p", "hi", "--top-p", "7"]])
+def test_every_command_with_a_bad_flag_is_one_line(model, args):
+    r = run(*[model if a == "MODEL" else a for a in args], timeout=120)
+    assert r.returncode != 0
+    assert len(_error_lines(r)) == 1, r.stderr
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(model, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hybrid_runtime import cli
+    from hybrid_runtime.weights import model_file
+
+    def broken(path):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(model_file, "open_model_file", broken)
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["inspect", str(model)])
+    assert r.exit_code == 1 and "internal error (RuntimeError: boom); run with --debug" in r.output
+    assert "second line" not in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli.app, ["--debug", "inspect", str(model)])
+    assert isinstance(r.exception, RuntimeError)

@@ -85,3 +85,11 @@ def test_stream_decoder_never_splits_utf8_and_holds_back_stop_prefixes():
 
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
+
+
+@pytest.mark.parametrize("seed", [-1, -(2 ** 70), 2 ** 70])
+def test_any_integer_seed_is_a_valid_repeatable_seed(seed):
+    logits = np.random.default_rng().normal(size=64).astype(np.float32)
+    a = make_sampler(SamplingParams(temperature=1.0, seed=seed))
+    b = make_sampler(SamplingParams(temperature=1.0, seed=seed))
+    assert [a(logits, []) for _ in range(20)] == [b(logits, []) for _ in range(20)]

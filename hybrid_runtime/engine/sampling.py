@@ -79,7 +79,7 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
 
 
 def make_sampler(p: SamplingParams) -> Sampler:
-    rng = np.random.default_rng(p.seed)
+    rng = np.random.default_rng(None if p.seed is None else p.seed % (1 << 64))  # any integer: negative, huge
 
     def sample(logits: np.ndarray, history: list[int]) -> int:
         logits = apply_penalties(logits, history, p)

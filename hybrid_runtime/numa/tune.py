@@ -87,13 +87,10 @@ def load_numa_config(path: str | Path) -> NumaConfig:
 
 def model_expert_bytes(path: str | Path) -> int:
     """Bytes of routed-expert tensors (names containing `_exps`) in a GGUF file."""
-    from gguf import GGUFReader
+    from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
-    try:
-        reader = GGUFReader(str(path), "r")
-    except (OSError, ValueError) as e:
-        raise HybridError(f"Cannot read routed-expert sizes from {path}: {e}.") from None
-    return int(sum(int(t.n_bytes) for t in reader.tensors if "_exps" in t.name))
+    gf = GGUFModelFile(path)  # the loader's container checks: a corrupt file is one clear error
+    return sum(t.n_bytes for t in gf.tensors.values() if "_exps" in t.name)
 
 
 # ---------------------------------------------------------------- measurement

@@ -39,6 +39,7 @@ def serve_command(
     from hybrid_runtime.config import RuntimeOptions
     from hybrid_runtime.errors import HybridError
     from hybrid_runtime.server.app import ServerConfig, create_app
+    from hybrid_runtime.server.validation import RequestGuard, allowed_hosts
 
     if compute not in ("fast", "reference"):
         raise typer.BadParameter("must be 'fast' or 'reference'", param_hint="--compute")
@@ -47,6 +48,9 @@ def serve_command(
         options.update(opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
         options.update(opt.gpu_path_options(expert_profile, record_routing, speculative_prefetch, cuda_graphs))
         RuntimeOptions(**options).validate()  # bad paths fail here, before the socket opens
+        from hybrid_runtime.weights.model_file import open_model_file
+
+        open_model_file(model)  # a corrupt or inconsistent file too (headers only, no weights read)
     except HybridError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1)
@@ -59,8 +63,8 @@ def serve_command(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(cfg, on_load_error=on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+    app = RequestGuard(create_app(cfg, on_load_error=on_load_error), hosts=allowed_hosts(host))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                                            timeout_graceful_shutdown=3, access_log=False))
     print(f"hybrid-runtime: serving '{cfg.served_name}' on http://{host}:{port}/v1 (loading the model...)",
           file=sys.stderr, flush=True)

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from hybrid_runtime.errors import ModelFormatError
+from hybrid_runtime.weights.gguf_header import GGUFHeader, TensorInfo, read_header
 
 _SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _MISSING = object()
-_MAX_DIMS = 4
 
 
 @dataclass(slots=True)
@@ -51,58 +51,48 @@ def split_parts(path: Path) -> list[Path]:
     return parts
 
 
-def _field_value(field) -> Any:
-    types = field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        sub = types[-1]
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if types[0] == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    return field.parts[field.data[0]].tolist()[0]
+_FLOAT_TYPES = {GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32: np.float32,
+                GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
+                GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+                GGMLQuantizationType.I64: np.int64}
 
 
-def _check_header(path: Path) -> None:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != b"GGUF":
-        raise ModelFormatError(f"{path}: not a GGUF file (bad magic or too short)")
-    version = int.from_bytes(head[4:8], "little")
-    if version not in (2, 3):
-        raise ModelFormatError(f"{path}: unsupported GGUF version {version}")
-    n_tensors = int.from_bytes(head[8:16], "little")
-    n_kv = int.from_bytes(head[16:24], "little")
-    # every tensor info takes >= 32 bytes and every kv >= 12: counts beyond that are lies
-    if n_tensors * 32 > size or n_kv * 12 > size:
-        raise ModelFormatError(f"{path}: corrupt header ({n_tensors} tensors, {n_kv} keys in {size} bytes)")
-
-
-def _read_part(path: Path) -> GGUFReader:
-    _check_header(path)
+def _map(path: Path) -> np.memmap | bytes:
     try:
-        return GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError, MemoryError) as e:
-        raise ModelFormatError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from None
+        if path.stat().st_size == 0:
+            return b""
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path}: cannot map the file ({e})") from None
 
 
-def _tensor_refs(reader: GGUFReader, part: int, path: Path) -> dict[str, TensorRef]:
-    refs: dict[str, TensorRef] = {}
-    file_size = path.stat().st_size
-    for t in reader.tensors:
-        dims = [int(d) for d in t.shape]
-        if not 1 <= len(dims) <= _MAX_DIMS or any(d <= 0 for d in dims):
-            raise ModelFormatError(f"{path}: tensor {t.name} has invalid shape {dims}")
-        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
-        if dims[0] % block:
-            raise ModelFormatError(f"{path}: tensor {t.name} row of {dims[0]} is not a multiple of its block {block}")
-        if t.data_offset + t.n_bytes > file_size or t.data.nbytes != t.n_bytes:
-            raise ModelFormatError(f"{path}: tensor {t.name} extends past the end of the file (truncated?)")
-        refs[t.name] = TensorRef(t.name, GGMLQuantizationType(t.tensor_type), tuple(reversed(dims)), t.data, int(t.n_bytes), part)
-    return refs
+def _view(mm: np.ndarray, t: TensorInfo) -> np.ndarray:
+    """Zero-copy view: element dtype for plain types, uint8 [..., row_bytes] for block-quantized ones."""
+    shape = list(reversed(t.ne))
+    raw = mm[t.offset:t.offset + t.n_bytes]
+    dtype = _FLOAT_TYPES.get(t.ggml_type)
+    if dtype is None:
+        block, type_size = GGML_QUANT_SIZES[t.ggml_type]
+        shape[-1] = shape[-1] // block * type_size
+        return raw.reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def _tensor_refs(header: GGUFHeader, mm, part: int) -> dict[str, TensorRef]:
+    return {t.name: TensorRef(t.name, t.ggml_type, tuple(reversed(t.ne)), _view(mm, t), t.n_bytes, part)
+            for t in header.tensors}
+
+
+def _check_split_part(path: Path, metadata: dict, index: int, n_parts: int) -> None:
+    """A part's split.no / split.count agree with its place among the files found."""
+    count, no = metadata.get("split.count"), metadata.get("split.no")
+    if count is None and n_parts == 1:
+        return
+    if count != n_parts:
+        what = "a split model, but no sibling parts are named" if n_parts == 1 else f"{n_parts} parts are named"
+        raise ModelFormatError(f"{path}: header says split.count {count!r}, yet {what} (mismatched split parts)")
+    if no != index:
+        raise ModelFormatError(f"{path}: header says split.no {no!r}, but the file name makes it part {index} (mismatched split parts)")
 
 
 class GGUFModelFile:
@@ -116,22 +106,17 @@ class GGUFModelFile:
             raise ModelFormatError(f"{path}: not a file")
         self.path = path
         self.parts = split_parts(path)
-        self._readers = [_read_part(p) for p in self.parts]
-        self.metadata = self._metadata(self._readers[0])
+        self._maps = [_map(p) for p in self.parts]
+        self.headers = [read_header(p, mm) for p, mm in zip(self.parts, self._maps)]
+        self.metadata = self.headers[0].metadata
         self.tensors: dict[str, TensorRef] = {}
-        for i, (reader, p) in enumerate(zip(self._readers, self.parts)):
-            for name, ref in _tensor_refs(reader, i, p).items():
+        for i, (header, mm, p) in enumerate(zip(self.headers, self._maps, self.parts)):
+            _check_split_part(p, header.metadata, i, len(self.parts))
+            for name, ref in _tensor_refs(header, mm, i).items():
                 if name in self.tensors:
                     raise ModelFormatError(f"{p}: tensor {name} appears in two parts")
                 self.tensors[name] = ref
         self._check_split()
-
-    @staticmethod
-    def _metadata(reader: GGUFReader) -> dict[str, Any]:
-        try:
-            return {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-        except (ValueError, IndexError, TypeError) as e:
-            raise ModelFormatError(f"corrupt GGUF metadata ({e})") from None
 
     def _check_split(self) -> None:
         expected = self.metadata.get("split.tensors.count")
