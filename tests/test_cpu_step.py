@@ -142,7 +142,7 @@ def test_weights_are_read_in_place(loaded):
     """No second copy: the K-quant matrices and experts are addressed inside the mapped file."""
     compiled, _ = loaded("kimi-k2-tiny", "Q4_K_M")
     net = compiled.net
-    mm = compiled.file._readers[0].data
+    mm = compiled.file._maps[0]
     lo = mm.__array_interface__["data"][0] - net.w.space.__array_interface__["data"][0]
     lt = net.w.layers[1]
     for field in (4, 14, 15, 16):  # q_b, gate/up/down experts: K-quants in this file
