@@ -81,6 +81,10 @@ class Tokenizer:
         """The bytes one token stands for (special tokens as their text)."""
         return self._llama.detokenize([token_id], special=True)
 
+    def llama_vocab(self):
+        """llama.cpp's vocabulary handle (for the grammar library's tokenizer view)."""
+        return self._llama._model.vocab
+
     def detokenize(self, ids: list[int], special: bool = False) -> str:
         return self._llama.detokenize(list(ids), special=special).decode("utf-8", errors="replace")
 
