@@ -76,10 +76,13 @@ def compile_grammar(tokenizer, lark: str):
     import llguidance
 
     llt = _ll_tokenizer(tokenizer)
-    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-    error = llguidance.LLMatcher.validate_grammar(grammar, llt)
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        error = llguidance.LLMatcher.validate_grammar(grammar, llt)
+    except (ValueError, RuntimeError, TypeError) as e:
+        error = str(e) or type(e).__name__
     if error:
-        raise GrammarError(f"the grammar does not compile: {error.strip().splitlines()[0]}")
+        raise GrammarError(f"the grammar does not compile: {' '.join(error.split())[:300]}")
     return lambda: GrammarConstraint(llguidance.LLMatcher(llt, grammar, log_level=0), tokenizer)
 
 
