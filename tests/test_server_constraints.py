@@ -117,3 +117,32 @@ def test_bad_formats_are_400_and_the_server_stays_healthy(structured_server, bod
     bad_grammar = httpx.post(base + "/v1/completions", json={"prompt": "x", "grammar": "start: <|nosuch|>"}, timeout=30)
     assert bad_grammar.status_code == 400 and bad_grammar.json()["error"]["param"] == "grammar"
     assert httpx.get(base + "/health", timeout=5).status_code == 200
+
+
+def test_thinking_template_reasoning_then_call_and_thinking_false(tiny):
+    """In process: a template whose generation prompt opens <think> → reasoning_content, then a valid call;
+    chat_template_kwargs {"thinking": false} → no think block in the grammar at all."""
+    import hybrid_runtime as hr
+    from hybrid_runtime.engine.generate import Sequence, generate
+    from hybrid_runtime.server.protocol import parse_chat
+    from hybrid_runtime.server.responses import Output
+
+    rng = random.Random()
+    tools = [{"type": "function", "function": {"name": "f", "parameters": random_schema(rng)}}]
+    with hr.load(tiny("kimi-k2-tiny", "Q4_K_M")[0], threads=1) as m:
+        tok = m.tokenizer
+        tok.chat_template += "<think>"
+        tok._template = tok._env.from_string(tok.chat_template)
+        for thinking in (True, False):
+            body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": "required",
+                    "max_tokens": 160, "temperature": 1.0, "seed": rng.randrange(1000),
+                    "chat_template_kwargs": {"thinking": thinking}}
+            req = parse_chat(body, tok, 2048)
+            out = Output(req, tok, "tiny")
+            for step in generate(m, tok, req.prompt, req.params, Sequence(m.new_cache()), constraint=req.constraint):
+                out.on_step(step)
+            msg = out.response(step.finish_reason, step.stats)["choices"][0]
+            assert msg["finish_reason"] == "tool_calls", (thinking, msg, req.params.max_tokens, req.constraint.plan)
+            jsonschema.validate(json.loads(msg["message"]["tool_calls"][0]["function"]["arguments"]), tools[0]["function"]["parameters"])
+            assert "<" not in (msg["message"].get("reasoning_content") or "") + (msg["message"]["content"] or "")
+            assert req.constraint is not None and (req.in_think is True)

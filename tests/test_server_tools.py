@@ -30,9 +30,19 @@ def random_tools(rng: random.Random) -> list[dict]:
 
 
 def call_reply(client, tools, stream: bool, rng: random.Random, messages=USER, **kw):
-    """(content, [(id, name, arguments)], finish_reason) of one reply, streamed or not."""
-    args = dict(model="tiny", messages=messages, tools=tools, temperature=1.0, max_tokens=48,
+    """(content, [(id, name, arguments)], finish_reason) of one reply, streamed or not; a max_tokens
+    below the shortest valid call is first answered with a 400 that says what it takes."""
+    args = dict(model="tiny", messages=messages, tools=tools, temperature=1.0, max_tokens=rng.randint(24, 48),
                 seed=rng.randrange(1 << 30), **kw)
+    try:
+        return _reply(client, args, stream)
+    except openai.BadRequestError as e:
+        need = int(re.search(r"takes (\d+) tokens", e.message).group(1))
+        assert need > args["max_tokens"]
+        return _reply(client, {**args, "max_tokens": need + rng.randint(0, 16)}, stream)
+
+
+def _reply(client, args: dict, stream: bool):
     if not stream:
         r = client.chat.completions.create(**args)
         m = r.choices[0]

@@ -19,6 +19,7 @@ thread while the model runs the next forward pass (llguidance drops the GIL).
 from __future__ import annotations
 
 import json
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -28,8 +29,10 @@ from hybrid_runtime.errors import InvalidRequestError
 # JSON output shape: compact but readable, as json.dumps writes it; no free whitespace, so a
 # random model cannot pad a document with blanks until max_tokens.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_CLOSERS = ('"', "}", "]", "0", ":", ",", "</think>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
-            "<|tool_calls_section_end|>", "a", " ")
+# closers in order of preference: the markers that end a free-text region first (else text would
+# absorb `"` forever), then the JSON closers
+_CLOSERS = ("</think>", "<|tool_calls_section_end|>", "<|tool_call_end|>", "<|tool_call_argument_begin|>",
+            '"', "}", "]", "0", ":", ",", "a", " ")
 _MAX_PLAN = 512
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-grammar")
 
@@ -45,7 +48,19 @@ def json_schema_rule(schema: dict | bool, name: str = "json") -> str:
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
     body = {**schema, "x-guidance": {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}}
+    _check_schema(body)
     return f"{name}: %json {json.dumps(body, ensure_ascii=False)}\n"
+
+
+def _check_schema(schema: dict) -> None:
+    import llguidance
+
+    try:
+        error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(schema))
+    except (ValueError, RuntimeError, TypeError) as e:
+        error = str(e) or type(e).__name__
+    if error:
+        raise GrammarError(f"the JSON schema does not compile: {' '.join(error.split())[:300]}")
 
 
 def _ll_tokenizer(tokenizer):
@@ -54,7 +69,9 @@ def _ll_tokenizer(tokenizer):
     if cached is None:
         from llguidance.llamacpp import lltokenizer_from_vocab
 
-        cached = lltokenizer_from_vocab(tokenizer.llama_vocab(), eos_token=sorted(tokenizer.eog_ids))
+        with warnings.catch_warnings():  # llama-cpp-python deprecates llama_token_get_attr, once per token
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cached = lltokenizer_from_vocab(tokenizer.llama_vocab(), eos_token=sorted(tokenizer.eog_ids))
         tokenizer._llg_tokenizer = cached
     return cached
 
@@ -167,3 +184,29 @@ def json_constraint(tokenizer, schema: dict | bool = True, think: bool = False):
     if schema is True:
         schema = {"type": "object"}
     return compile_grammar(tokenizer, json_grammar(schema, think))
+
+
+def schema_from_file(path) -> dict:
+    """A JSON schema read from a file (for `generate --json-schema`); one-line errors."""
+    from pathlib import Path
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise GrammarError(f"cannot read the schema {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise GrammarError(f"the schema {path} is not valid JSON ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise GrammarError(f"the schema {path} must hold a JSON object")
+    return schema
+
+
+def fitted_json_constraint(tokenizer, schema: dict | bool, max_tokens: int):
+    """A fresh JSON constraint (with K2-Thinking's optional <think> block when the template has one);
+    raises GrammarError when the shortest valid document needs more than `max_tokens`."""
+    think = "<think>" in tokenizer.chat_template
+    constraint = json_constraint(tokenizer, schema, think)()
+    need = constraint.min_tokens()
+    if need is not None and need > max_tokens:
+        raise GrammarError(f"{max_tokens} tokens are too few for this format: the shortest valid reply takes {need}")
+    return constraint

@@ -95,7 +95,10 @@ def completion_grammar(body: dict) -> tuple[str | None, str]:
         if not isinstance(grammar, str) or not grammar.strip():
             raise ParamError("grammar must be a non-empty Lark grammar (llguidance syntax)", "grammar")
         return grammar, "grammar"
-    return (None if schema is None else "start: json\n" + json_schema_rule(schema)), "response_format"
+    try:
+        return (None if schema is None else "start: json\n" + json_schema_rule(schema)), "response_format"
+    except GrammarError as e:
+        raise ParamError(str(e), "response_format") from None
 
 
 def chat_constraint(body: dict, tokenizer, in_think: bool, first_idx: int, max_tokens: int):
@@ -107,7 +110,20 @@ def chat_constraint(body: dict, tokenizer, in_think: bool, first_idx: int, max_t
         raise ParamError("parallel_tool_calls must be true or false", "parallel_tool_calls")
     schema = response_schema(body)
     think = ("open" if in_think else "optional") if thinking_enabled(body, tokenizer) else None
-    lark = chat_grammar(schema, tools, mode, only, parallel, first_idx, think)
+    param = "response_format" if schema is not None else "tools"
+    try:
+        lark = chat_grammar(schema, tools, mode, only, parallel, first_idx, think)
+    except GrammarError as e:  # a schema that does not compile: name the field that held it
+        bad_format = schema is not None and not _compiles(schema)
+        raise ParamError(str(e), "response_format" if bad_format else "tools") from None
     if lark is None and think is None and "<think>" in tokenizer.chat_template:  # thinking: false
         lark = "start: TEXT?\n" + _TEXT
-    return make_constraint(tokenizer, lark, max_tokens, "response_format" if schema is not None else "tools")
+    return make_constraint(tokenizer, lark, max_tokens, param)
+
+
+def _compiles(schema: dict) -> bool:
+    try:
+        json_schema_rule(schema)
+        return True
+    except GrammarError:
+        return False
