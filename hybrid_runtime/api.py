@@ -143,13 +143,15 @@ class Model:
 
     def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.8,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
-                 stop: list[str] | str | None = None, **more) -> Iterator[str]:
-        """Yield text pieces as they are produced; `last_stats` holds the timings afterwards."""
+                 stop: list[str] | str | None = None, constraint=None, **more) -> Iterator[str]:
+        """Yield text pieces as they are produced; `last_stats` holds the timings afterwards.
+        `constraint`: a fresh engine.grammar.GrammarConstraint (e.g. from `json_constraint`)."""
         ids = self.tokenize(prompt, special=False) if isinstance(prompt, str) else list(prompt)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                 max_tokens=max_tokens, stop=stop, **more)
-        for step in generate(self, self.tokenizer, self._check_ids(ids), params, Sequence(self.new_cache())):
+        for step in generate(self, self.tokenizer, self._check_ids(ids), params, Sequence(self.new_cache()),
+                             constraint=constraint):
             if step.text:
                 yield step.text
             if step.stats is not None:

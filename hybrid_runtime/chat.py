@@ -20,6 +20,7 @@ from hybrid_runtime import cli_options as opt
 
 from hybrid_runtime.chat_format import StreamParser, prompt_opens_think
 from hybrid_runtime.engine.generate import Stats
+from hybrid_runtime.engine.grammar import fitted_json_constraint
 from hybrid_runtime.engine.sampling import SamplingParams
 from hybrid_runtime.errors import HybridError, InvalidRequestError
 
@@ -54,6 +55,7 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
     last_stats: Stats | None = None
     total: Stats = field(default_factory=Stats)
+    format: str = "text"  # "text" | "json" (/set format json: every reply is one JSON object)
 
     @property
     def model(self):
@@ -138,7 +140,12 @@ def reply(s: ChatSession, text: str, out=None, stats_to_stderr: bool = False) ->
             _say(f"The conversation ({len(prompt)} tokens) no longer fits the context of {n_ctx}; /clear to start over.")
             return False
         params = dataclasses.replace(s.params, max_tokens=min(s.params.max_tokens, n_ctx - len(prompt)))
-        handle = s.engine.submit(prompt, params)
+        try:
+            constraint = fitted_json_constraint(tok, True, params.max_tokens) if s.format == "json" else None
+        except InvalidRequestError as e:
+            _say(f"{e}; raise max_tokens with /set max_tokens N.")
+            return False
+        handle = s.engine.submit(prompt, params, constraint=constraint)
         _live_requests[:] = [handle.request]
         if hits:
             handle.cancel()
@@ -177,9 +184,16 @@ def _say(msg: str, dim: bool = False) -> None:
 def set_param(s: ChatSession, args: str) -> None:
     parts = args.split()
     if len(parts) != 2:
-        _say("Usage: /set PARAM VALUE with PARAM one of " + ", ".join(sorted(_SETTABLE)))
+        _say("Usage: /set PARAM VALUE with PARAM one of " + ", ".join(sorted(_SETTABLE)) + ", format (json|text)")
         return
     name, raw = parts[0].lower(), parts[1]
+    if name == "format":
+        if raw.lower() not in ("json", "text"):
+            _say("Usage: /set format json|text")
+            return
+        s.format = raw.lower()
+        _say(f"Set format to {s.format}.")
+        return
     if name not in _SETTABLE:
         _say(f"Unknown parameter '{name}'; choose one of {', '.join(sorted(_SETTABLE))}.")
         return
@@ -200,7 +214,7 @@ def show(s: ChatSession) -> None:
          f"{c.n_expert_used} used, vocab {c.n_vocab})")
     _say(f"Context: {m.n_ctx} tokens · compute: {m.options.compute}")
     _say("Settings: " + ", ".join(f"{f.name}={getattr(s.params, f.name)}" for f in dataclasses.fields(s.params)
-                                  if f.name not in ("stop", "logprobs")))
+                                  if f.name not in ("stop", "logprobs")) + f", format={s.format}")
     _say(f"System: {s.system!r}" if s.system else "System: (the template's default)")
     _say(f"Conversation: {len(s.messages)} messages")
 

@@ -53,13 +53,23 @@ def _strip_hidden(text: str) -> str:
     return text
 
 
+def call_header(raw_id: str, position: int) -> tuple[str, str] | None:
+    """`functions.NAME:IDX` (as generated) → (id, name); None if it is no function id."""
+    ident = _ID_RE.match(raw_id.strip())
+    if not ident:
+        return None
+    name = ident.group("name").rsplit(".", 1)[-1]
+    idx = ident.group("idx") if ident.group("idx") is not None else str(position)
+    return f"functions.{name}:{idx}", name
+
+
 def parse_tool_call(raw: str, position: int) -> ToolCall | None:
     """One `<|tool_call_begin|>ID<|tool_call_argument_begin|>ARGS<|tool_call_end|>`; None if malformed."""
     m = _CALL_RE.fullmatch(raw.strip())
     if not m:
         return None
-    ident = _ID_RE.match(m.group("id"))
-    if not ident:
+    header = call_header(m.group("id"), position)
+    if header is None:
         return None
     try:
         args = json.loads(m.group("args"))
@@ -67,9 +77,7 @@ def parse_tool_call(raw: str, position: int) -> ToolCall | None:
         return None
     if not isinstance(args, dict):
         return None
-    name = ident.group("name").rsplit(".", 1)[-1] if "." in ident.group("name") else ident.group("name")
-    idx = ident.group("idx") if ident.group("idx") is not None else str(position)
-    return ToolCall(id=f"functions.{name}:{idx}", name=name, arguments=json.dumps(args, ensure_ascii=False))
+    return ToolCall(id=header[0], name=header[1], arguments=m.group("args").strip())
 
 
 def parse_tool_section(section: str) -> tuple[list[ToolCall], str]:
@@ -113,6 +121,11 @@ class StreamParser:
         self._buf = ""  # text not yet classified
         self._in_section = False
         self._section = ""  # body of the open tool-call section
+
+    @property
+    def open_section(self) -> str | None:
+        """The body so far of a tool-call section still open (None outside one)."""
+        return self._section if self._in_section else None
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         self._buf += text
@@ -159,8 +172,8 @@ class StreamParser:
             self.in_think = True
         elif marker == THINK_END:
             self.in_think = False
-        elif marker == SECTION_BEGIN:
-            self._in_section, self._section = True, ""
+        elif marker == SECTION_BEGIN:  # a tool-call section also ends an open <think> block
+            self._in_section, self._section, self.in_think = True, "", False
         # SECTION_END outside a section and the hidden turn markup are dropped
 
     def _emit(self, out: list, text: str) -> None:

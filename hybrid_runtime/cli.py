@@ -108,6 +108,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="constrain the output to JSON matching this schema file"),
     threads: Optional[int] = ThreadsOpt,
     compute: str = ComputeOpt,
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="context length"),
@@ -124,12 +125,15 @@ def generate(
     cuda_graphs: bool = opt.CudaGraphs,
 ):
     """Stream a completion of PROMPT and print prompt and generation tokens/s."""
+    from hybrid_runtime.engine.grammar import schema_from_file
+
+    schema = schema_from_file(json_schema) if json_schema is not None else None  # bad files fail before loading
     m = _load(model, compute, threads, n_ctx,
               **opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override),
               **opt.gpu_path_options(expert_profile, record_routing, speculative_prefetch, cuda_graphs))
     try:
         _generate(m, prompt, chat, dict(max_tokens=n, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                        seed=seed, stop=stop))
+                                        seed=seed, stop=stop), schema)
     finally:
         failed = opt.close_model(m)  # writes --expert-profile; after the output, whatever happened
         if failed:
@@ -138,7 +142,7 @@ def generate(
         raise typer.Exit(1)
 
 
-def _generate(m, prompt: str, chat: bool, sampling: dict) -> None:
+def _generate(m, prompt: str, chat: bool, sampling: dict, schema=None) -> None:
     console.print(f"[dim]placement: {m.placement_summary()}[/dim]")
     note = opt.inert_note(m)
     if note:
@@ -147,8 +151,13 @@ def _generate(m, prompt: str, chat: bool, sampling: dict) -> None:
         console.print(f"[dim]{line}[/dim]")
     ids = m.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else m.tokenize(prompt)
     console.print(f"[dim]{m.config.arch} · {m.file.path.name} · {len(ids)} prompt tokens[/dim]")
-    sys.stdout.write(prompt if not chat else "")
-    for piece in m.generate(ids, **sampling):
+    constraint = None
+    if schema is not None:
+        from hybrid_runtime.engine.grammar import fitted_json_constraint
+
+        constraint = fitted_json_constraint(m.tokenizer, schema, sampling["max_tokens"])
+    sys.stdout.write(prompt if not chat and constraint is None else "")
+    for piece in m.generate(ids, constraint=constraint, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     s = m.last_stats

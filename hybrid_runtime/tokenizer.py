@@ -24,6 +24,8 @@ from hybrid_runtime.weights.gguf_file import GGUFModelFile
 _EOG_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 _EOG_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 
+_RESERVED_VARS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
 DEFAULT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
@@ -81,19 +83,24 @@ class Tokenizer:
         """The bytes one token stands for (special tokens as their text)."""
         return self._llama.detokenize([token_id], special=True)
 
+    def llama_vocab(self):
+        """llama.cpp's vocabulary handle (for the grammar library's tokenizer view)."""
+        return self._llama._model.vocab
+
     def detokenize(self, ids: list[int], special: bool = False) -> str:
         return self._llama.detokenize(list(ids), special=special).decode("utf-8", errors="replace")
 
     # -- chat -----------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        return self._render(messages, tools, add_generation_prompt, None)
+                    add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> str:
+        return self._render(messages, tools, add_generation_prompt, None, template_kwargs)
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        """Template markup as special tokens, message text as plain text."""
+                    add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> list[int]:
+        """Template markup as special tokens, message text as plain text.
+        `template_kwargs`: extra template variables (e.g. thinking=False), never the reserved ones."""
         texts: dict[str, str] = {}
-        rendered = self._render(messages, tools, add_generation_prompt, texts)
+        rendered = self._render(messages, tools, add_generation_prompt, texts, template_kwargs)
         ids: list[int] = []
         if self.add_bos and self.bos_id is not None:
             ids.append(int(self.bos_id))
@@ -106,7 +113,8 @@ class Tokenizer:
                 ids += self.tokenize(piece, special=True, add_bos=False)
         return ids
 
-    def _render(self, messages, tools, add_generation_prompt, texts: dict[str, str] | None) -> str:
+    def _render(self, messages, tools, add_generation_prompt, texts: dict[str, str] | None,
+                template_kwargs: dict | None = None) -> str:
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise InvalidRequestError("messages must be a list of objects")
         msgs = []
@@ -120,8 +128,9 @@ class Tokenizer:
             m["content"] = content
             msgs.append(m)
         try:
+            extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_VARS}
             return self._template.render(
-                messages=msgs, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                **extra, messages=msgs, tools=tools or None, add_generation_prompt=add_generation_prompt,
                 bos_token=self._piece(self.bos_id), eos_token="",
             )
         except TemplateError as e:

@@ -87,6 +87,23 @@ def test_bad_set_and_unknown_command(tiny):
     finish(c)
 
 
+def test_set_format_json_gives_json_replies(tiny):
+    c = spawn(tiny, "--n-ctx", "512")
+    command(c, "/set temperature 1.0", "Set temperature to 1.0")
+    command(c, "/set max_tokens 12", "Set max_tokens to 12")
+    command(c, "/set format json", "Set format to json")
+    for _ in range(3):
+        c.sendline("describe a cat")
+        c.expect(STATS)
+        reply = c.before[c.before.index("{"): c.before.rindex("}") + 1]
+        assert isinstance(json.loads(reply), dict)
+        c.expect_exact(PROMPT)
+    command(c, "/set format yaml", "Usage: /set format json|text")
+    command(c, "/show", "format=json")
+    command(c, "/set format text", "Set format to text")
+    finish(c)
+
+
 def test_save_and_load(tiny, tmp_path):
     path = tmp_path / "chat.json"
     c = spawn(tiny, "--n-ctx", "512", "--seed", "2", "--system", "Be brief.")

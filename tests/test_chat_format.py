@@ -110,3 +110,9 @@ def test_tools_off_keeps_section_text():
     events = p.feed(B + "x") + p.finish()
     assert "".join(t for _, t in events) == B + "x"
     assert p.tool_calls == []
+
+
+def test_tool_call_section_ends_an_open_think_block():
+    m = parse_assistant("<think>let me call" + B + call("f", 3, {"a": 1}) + E + "done")
+    assert (m.reasoning_content, m.content) == ("let me call", "done")
+    assert [(c.id, c.arguments) for c in m.tool_calls] == [("functions.f:3", '{"a": 1}')]

@@ -199,3 +199,32 @@ def test_an_unexpected_error_is_one_line_unless_debug(model, monkeypatch):
     assert "second line" not in r.output and "Traceback" not in r.output
     r = runner.invoke(cli.app, ["--debug", "inspect", str(model)])
     assert isinstance(r.exception, RuntimeError)
+
+
+def test_generate_json_schema_output_validates(model, tmp_path):
+    import random
+
+    import jsonschema
+
+    rng = random.Random()
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"enum": ["x", "y", rng.choice("abc")]}},
+              "required": rng.sample(["n", "s"], rng.randint(1, 2)), "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    r = run("generate", model, "-p", "JSON please:", "-n", "24", "--temp", "1.0", "--seed", rng.randrange(1000),
+            "--json-schema", path, "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.split("[ Prompt:")[0].strip().splitlines()[-1]
+    jsonschema.validate(json.loads(line), schema)
+
+
+@pytest.mark.parametrize("content, n, message", [
+    ("{not json", "8", "is not valid JSON"), ('{"type": 5}', "8", "type must be a string"),
+    ('{"type": "object", "required": ["abc"], "properties": {"abc": {"type": "string"}}}', "2", "too few"),
+])
+def test_generate_bad_json_schema_is_one_line(model, tmp_path, content, n, message):
+    path = tmp_path / "schema.json"
+    path.write_text(content)
+    r = run("generate", model, "-p", "x", "-n", n, "--json-schema", path, "--threads", "1")
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and message in errors[0], r.stderr

@@ -25,6 +25,11 @@ class CausalLM(Protocol):
     def forward(self, token_ids: list[int], cache, all_logits: bool = False) -> np.ndarray: ...
 
 
+class Constraint(Protocol):
+    def mask(self, logits: np.ndarray, remaining: int) -> np.ndarray: ...  # [V] with banned tokens at -inf
+    def commit(self, token: int, remaining: int) -> int: ...  # the token to emit; advances the state
+
+
 @dataclass(slots=True)
 class Sequence:
     cache: object
@@ -82,8 +87,10 @@ def prefill(model: CausalLM, seq: Sequence, prompt: list[int]) -> tuple[np.ndarr
 
 
 def generate(model: CausalLM, tokenizer, prompt: list[int], params: SamplingParams,
-             seq: Sequence | None = None, should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
-    """Stream Steps for one sequence; the last Step has finish_reason and stats."""
+             seq: Sequence | None = None, should_stop: Callable[[], bool] | None = None,
+             constraint: Constraint | None = None) -> Iterator[Step]:
+    """Stream Steps for one sequence; the last Step has finish_reason and stats.
+    `constraint` (e.g. engine.grammar.GrammarConstraint) masks the logits and may replace the token."""
     params.validate()
     seq = seq or Sequence(model.new_cache())
     stats = Stats(prompt_tokens=len(prompt))
@@ -99,7 +106,11 @@ def generate(model: CausalLM, tokenizer, prompt: list[int], params: SamplingPara
         if should_stop is not None and should_stop():
             finish = "cancelled"
             break
-        token = sample(logits, prompt + generated)
+        if constraint is None:
+            token = sample(logits, prompt + generated)
+        else:
+            remaining = min(params.max_tokens - len(generated), model.n_ctx - len(seq.tokens) + 1)
+            token = constraint.commit(sample(constraint.mask(logits, remaining), prompt + generated), remaining)
         generated.append(token)
         stats.generated_tokens = len(generated)
         lp = top_logprobs(logits, token, params.logprobs) if params.logprobs is not None else (None, None)

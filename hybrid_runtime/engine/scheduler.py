@@ -42,6 +42,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     sink: Callable[[object], None]  # receives Steps, then possibly an exception
+    constraint: object = None  # a generate.Constraint (grammar matcher) for this request, or None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -164,8 +165,9 @@ class Engine:
         return len(self._running)
 
     def submit(self, prompt: list[int], params: SamplingParams,
-               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-        """Queue a request; raises QueueFullError when `max_queue` requests already wait."""
+               loop: asyncio.AbstractEventLoop | None = None, constraint=None) -> RequestHandle:
+        """Queue a request; raises QueueFullError when `max_queue` requests already wait.
+        `constraint`: a fresh generate.Constraint owned by this request (structured output)."""
         params.validate()
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
@@ -176,7 +178,7 @@ class Engine:
             busy = len(self._running) >= self.max_running
             if busy and len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the server is busy ({len(self._waiting)} requests waiting); try again later")
-            handle.request = Request(next(self._ids), list(prompt), params, handle._put)
+            handle.request = Request(next(self._ids), list(prompt), params, handle._put, constraint)
             self._waiting.append(handle.request)
             self._cond.notify()
         return handle
@@ -216,7 +218,8 @@ class Engine:
         while self._waiting and len(self._running) < self.max_running and not self._closed:
             req = self._waiting.popleft()
             seq = self.pool.acquire(req.prompt)
-            steps = generate(self.model, self.tokenizer, req.prompt, req.params, seq, req.cancelled.is_set)
+            steps = generate(self.model, self.tokenizer, req.prompt, req.params, seq, req.cancelled.is_set,
+                             req.constraint)
             self._running.append(Running(req, seq, steps))
 
     def _step_running(self) -> None:

@@ -247,7 +247,7 @@ async def _generate(request: Request, cfg: ServerConfig, state: ServerState, kin
         check_model(body, cfg.served_name)
         parse = parse_chat if kind == "chat" else parse_completion
         req = parse(body, engine.tokenizer, engine.model.n_ctx)
-        handle = engine.submit(req.prompt, req.params, loop=asyncio.get_running_loop())
+        handle = engine.submit(req.prompt, req.params, loop=asyncio.get_running_loop(), constraint=req.constraint)
     except Exception as e:  # noqa: BLE001 - every failure becomes an error object
         resp = error_response(e)
         state.metrics.count_request(endpoint, resp.status_code)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from hybrid_runtime.chat_format import prompt_opens_think
 from hybrid_runtime.engine.sampling import SamplingParams
 from hybrid_runtime.errors import ContextOverflowError, InvalidRequestError
+from hybrid_runtime.server.constraints import chat_constraint, completion_grammar, make_constraint
+from hybrid_runtime.server.tools import history_call_ids
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _MAX_STOPS = 16
@@ -34,6 +36,7 @@ class GenRequest:
     parse_tools: bool = False
     in_think: bool = False  # the prompt opened a <think> block
     tools: list[dict] = field(default_factory=list)
+    constraint: object = None  # engine.grammar.GrammarConstraint for structured output, or None
 
 
 # -- field readers ---------------------------------------------------------------------------------
@@ -155,16 +158,26 @@ def _tools(body: dict) -> tuple[list[dict], bool]:
 
 
 def parse_chat(body: dict, tokenizer, n_ctx: int) -> GenRequest:
-    messages = _messages(body)
+    messages, first_idx = history_call_ids(_messages(body))
     tools, parse_tools = _tools(body)
     stream, usage = _stream_flags(body)
     want_lp = _bool(body, "logprobs")
     top = _number(body, "top_logprobs", 0, 0, 20, integer=True)
-    prompt = tokenizer.encode_chat(messages, tools or None, add_generation_prompt=True)
+    kwargs = _template_kwargs(body)
+    prompt = tokenizer.encode_chat(messages, tools or None, add_generation_prompt=True, template_kwargs=kwargs)
     _check_fits(prompt, n_ctx, "messages")
-    in_think = prompt_opens_think(tokenizer.render_chat(messages, tools or None)[-64:])
+    in_think = prompt_opens_think(tokenizer.render_chat(messages, tools or None, template_kwargs=kwargs)[-64:])
     params = sampling_params(body, len(prompt), n_ctx, top if want_lp else None)
-    return GenRequest("chat", prompt, params, stream, usage, want_lp, parse_tools, in_think, tools)
+    constraint = chat_constraint(body, tokenizer, in_think, first_idx, params.max_tokens)
+    return GenRequest("chat", prompt, params, stream, usage, want_lp, parse_tools, in_think, tools, constraint)
+
+
+def _template_kwargs(body: dict) -> dict:
+    """`chat_template_kwargs` (e.g. {"thinking": false}) as extra template variables."""
+    kw = body.get("chat_template_kwargs") or {}
+    if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+        raise ParamError("chat_template_kwargs must be an object", "chat_template_kwargs")
+    return kw
 
 
 # -- completions -----------------------------------------------------------------------------------
@@ -189,5 +202,7 @@ def parse_completion(body: dict, tokenizer, n_ctx: int) -> GenRequest:
     if _bool(body, "echo"):
         raise ParamError("echo is not supported", "echo")
     params = sampling_params(body, len(prompt), n_ctx, top)
-    return GenRequest("completion", prompt, params, stream, usage, top is not None)
+    lark, field_name = completion_grammar(body)
+    constraint = make_constraint(tokenizer, lark, params.max_tokens, field_name)
+    return GenRequest("completion", prompt, params, stream, usage, top is not None, constraint=constraint)
 

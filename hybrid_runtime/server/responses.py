@@ -9,6 +9,7 @@ import uuid
 from hybrid_runtime.chat_format import StreamParser
 from hybrid_runtime.engine.generate import Stats, Step
 from hybrid_runtime.server.protocol import GenRequest
+from hybrid_runtime.server.tools import ToolCallDeltas
 
 
 def sse(obj: dict | str) -> str:
@@ -33,7 +34,7 @@ class Output:
         self.created = int(time.time())
         self.parser = StreamParser(in_think=req.in_think, parse_tools=req.parse_tools)
         self.content, self.reasoning, self.text = "", "", ""
-        self._calls_sent = 0
+        self._call_deltas = ToolCallDeltas()
         self._lp_pending: list[tuple[int, float, list]] = []
         self._lp_all: list[tuple[int, float, list]] = []
 
@@ -83,11 +84,8 @@ class Output:
             else:
                 self.reasoning += text
             out.append(self._chunk(self._choice({key: text}, logprobs=self._take_logprobs())))
-        new = self.parser.tool_calls[self._calls_sent:]
-        if new:
-            calls = [c.to_openai(index=self._calls_sent + i) for i, c in enumerate(new)]
-            self._calls_sent += len(new)
-            out.append(self._chunk(self._choice({"tool_calls": calls})))
+        for delta in self._call_deltas.deltas(self.parser):
+            out.append(self._chunk(self._choice({"tool_calls": [delta]})))
         return out
 
     # -- logprobs -----------------------------------------------------------------------------------
