@@ -163,7 +163,8 @@ def load(path: str | Path, **options) -> Model:
 
     Options (see RuntimeOptions): compute="fast"|"reference", threads, n_ctx, yarn_beta_fast,
     yarn_beta_slow, device, gpu_mem, cpu_moe, n_cpu_moe, override, numa_config, prefill_chunk,
-    expert_profile, record_routing, speculative_prefetch, cuda_graphs. Call `close()` (or use the
+    expert_profile, record_routing, speculative_prefetch, cuda_graphs, compiled (False: the torch model
+    instead of the compiled CPU step). Call `close()` (or use the
     model as a context manager) when done: it writes the expert profile and the routing record.
     """
     known = {f.name for f in fields(RuntimeOptions)}
