@@ -125,8 +125,11 @@ def test_wrong_content_type_is_415(server):
     _is_openai_error(r, range(415, 416))
 
 
-def test_huge_max_tokens_is_clamped_to_the_context_not_a_5xx(server):
+def test_huge_max_tokens_is_a_400_and_a_large_one_is_clamped(server):
     r = post(server[0], chat(max_tokens=10 ** 12), timeout=120)
+    _is_openai_error(r, range(400, 401))
+    assert "max_tokens" in r.json()["error"]["message"]
+    r = post(server[0], chat(max_tokens=N_CTX), timeout=120)  # fits the context, not the room left
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= N_CTX
 
 

@@ -108,7 +108,7 @@ def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode
     from hybrid_runtime.cpu.step import threading_layer
 
     t0 = time.perf_counter()
-    model = hr.load(path, threads=threads, n_ctx=max(n_prompt, decode_prompt) + n_gen + 64, **load_opts)
+    model = hr.load(path, threads=threads, n_ctx=max(n_prompt, decode_prompt) + 2 * n_gen + 64, **load_opts)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.forward([1], model.new_cache())  # the first step: Numba compiles here, or loads its cache

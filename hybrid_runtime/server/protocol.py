@@ -87,7 +87,9 @@ def sampling_params(body: dict, n_prompt: int, n_ctx: int, top_logprobs: int | N
     max_tokens = _number(body, "max_completion_tokens", None, lo=1, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", None, lo=1, integer=True)
-    room = n_ctx - n_prompt
+    if max_tokens is not None and max_tokens > n_ctx:  # can never be met (OpenAI answers 400 too)
+        raise ParamError(f"max_tokens {max_tokens} exceeds the context of {n_ctx} tokens", "max_tokens")
+    room = n_ctx - n_prompt  # within the context: clamped to the room left after the prompt
     return SamplingParams(
         temperature=float(_number(body, "temperature", 0.8, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 0, 1)) or 1e-9,
