@@ -14,7 +14,7 @@ from hybrid_runtime.engine.generate import Sequence, Stats, generate
 from hybrid_runtime.engine.sampling import SamplingParams
 from hybrid_runtime.errors import HybridError, InvalidRequestError
 from hybrid_runtime.layers import Rope
-from hybrid_runtime.loader import build_compiled, build_weights, configure_threads
+from hybrid_runtime.loader import build_network, configure_threads
 from hybrid_runtime.tokenizer import Tokenizer
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
 from hybrid_runtime.weights.model_file import open_model_file
@@ -179,8 +179,5 @@ def load(path: str | Path, **options) -> Model:
     betas = (opts.yarn_beta_fast if opts.yarn_beta_fast is not None else beta_fast,
              opts.yarn_beta_slow if opts.yarn_beta_slow is not None else beta_slow)
     rope = Rope(cfg.qk_rope, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor, cfg.rope_orig_ctx, *betas)
-    net = build_compiled(gf, cfg, opts, rope, lambda w: arch.DeepSeek2(cfg, w, rope))
-    weights = net if net is not None else build_weights(gf, cfg, opts)
-    if net is None:
-        net = arch.DeepSeek2(cfg, weights, rope)
+    net, weights = build_network(gf, cfg, opts, rope, lambda w: arch.DeepSeek2(cfg, w, rope))
     return Model(gf, cfg, net, tokenizer, opts, net_weights=weights, yarn_betas=betas)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from hybrid_runtime.engine.generate import Stats
 from hybrid_runtime.engine.grammar import fitted_json_constraint
 from hybrid_runtime.engine.sampling import SamplingParams
 from hybrid_runtime.errors import HybridError, InvalidRequestError
+from hybrid_runtime.util import write_atomic
 
 HELP = """Commands:
   /set PARAM VALUE   set a sampling parameter (/set alone lists them)
@@ -237,25 +236,11 @@ def save(s: ChatSession, path: str) -> None:
     data = {"version": 1, "system": s.system, "messages": s.messages,
             "settings": {f.name: getattr(s.params, f.name) for f in dataclasses.fields(s.params)}}
     try:
-        write_atomically(Path(path).expanduser(), json.dumps(data, indent=2, ensure_ascii=False))
+        write_atomic(Path(path).expanduser(), json.dumps(data, indent=2, ensure_ascii=False))
     except OSError as e:
         _say(f"Could not save to {path}: {e.strerror or e}.")
         return
     _say(f"Saved {len(s.messages)} messages to {path}.")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file next to `path`, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_history(s: ChatSession, path: str) -> None:

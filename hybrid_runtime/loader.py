@@ -101,27 +101,25 @@ def compiled_step_applies(opts: RuntimeOptions) -> bool:
             and not opts.numa_config)
 
 
-def build_compiled(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, rope, torch_model):
-    """The compiled CPU step, or None where it does not apply (the torch model runs instead):
-    no AVX-512 VNNI, the legacy attn_kv_b layout, or a tensor type without a kernel."""
-    from hybrid_runtime.errors import UnsupportedModelError
-
+def build_network(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, rope, torch_model):
+    """(network, weight provider): the compiled CPU step where it applies, else the torch model
+    `torch_model(weights)`. The compiled step does not apply without AVX-512 VNNI, with the legacy
+    attn_kv_b layout or a tensor type without a kernel; then the torch model runs on the expert
+    refs already prepared (the expert store is not walked twice)."""
     if not compiled_step_applies(opts):
-        return None
-    from hybrid_runtime.quant.cpu_features import has_avx512_vnni
-
-    if not has_avx512_vnni() or not cfg.mla_split:
-        return None
+        weights = build_weights(gf, cfg, opts)
+        return torch_model(weights), weights
     from hybrid_runtime.cpu.step import CompiledDeepSeek2
-
+    from hybrid_runtime.errors import UnsupportedModelError
     from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
 
     stored = prepared_expert_refs(gf, cfg, opts)
+    weights = build_weights(gf, cfg, opts, stored)
     try:
         step = CompiledDeepSeek2(cfg, gf, stored, rope, opts.prefill_chunk)
     except UnsupportedModelError:
-        return None
+        return torch_model(weights), weights
     if opts.prefill_chunk >= TORCH_MIN_TOKENS:  # large chunks: the torch model on the same cache
-        step.prefill_net = torch_model(build_weights(gf, cfg, opts, stored))
+        step.prefill_net = torch_model(weights)
         step.prefill_min_tokens = TORCH_MIN_TOKENS
-    return step
+    return step, step

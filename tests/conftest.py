@@ -56,38 +56,10 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def structured_server(model_cache):
     """A `serve` process on the tiny Kimi K2 model for the structured-output tests: (base url, model path)."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
+    from serve_process import serve_process
 
     from hybrid_runtime.synth import cached_model
 
     path = cached_model("kimi-k2-tiny", "Q4_K_M", model_cache)[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "hybrid_runtime.cli", "serve", str(path), "--port", str(port),
-                             "--n-ctx", "2048", "--model-name", "tiny", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with serve_process(path, "--n-ctx", "2048", "--model-name", "tiny", "--threads", "1") as (base, _, _):
         yield base, path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -10,7 +10,7 @@ from gguf.quants import dequantize
 
 import hybrid_runtime as hr
 from hybrid_runtime.cpu.step import CompiledDeepSeek2
-from hybrid_runtime.cpu.table import q8_0_from_32_blocks
+from hybrid_runtime.cpu.table import M_OFF, q8_0_from_32_blocks
 from hybrid_runtime.layers import rms_norm
 from hybrid_runtime.quant.cpu_features import has_avx512_vnni
 
@@ -146,7 +146,7 @@ def test_weights_are_read_in_place(loaded):
     lo = mm.__array_interface__["data"][0] - net.w.space.__array_interface__["data"][0]
     lt = net.w.layers[1]
     for field in (4, 14, 15, 16):  # q_b, gate/up/down experts: K-quants in this file
-        off = net.w.mats[lt[field], 1]
+        off = net.w.mats[lt[field], M_OFF]
         assert lo <= off < lo + mm.nbytes
 
 

@@ -1,27 +1,19 @@
 """The OpenAI-compatible server as a real process, driven by the `openai` client and httpx."""
 
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
+from serve_process import serve_process
 
 from hybrid_runtime.synth import cached_model
 
 KEY = "test-key"
 N_CTX = 4096
 LONG = 3000  # max_tokens of requests that must be cancelled or rejected before they finish
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -31,31 +23,9 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hybrid_runtime.cli", "serve", str(model_path), "--port", str(port),
-         "--n-ctx", str(N_CTX), "--max-queue", "1", "--api-key", KEY, "--model-name", "tiny", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server did not become healthy")
+    args = ("--n-ctx", str(N_CTX), "--max-queue", "1", "--api-key", KEY, "--model-name", "tiny", "--threads", "1")
+    with serve_process(model_path, *args) as (base, _, _):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
 import pytest
+from serve_process import serve_process
 
 from hybrid_runtime.server.validation import MAX_BODY, allowed_hosts, strict_json
 from hybrid_runtime.synth import cached_model
@@ -24,39 +22,12 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MSG = [{"role": "user", "content": "hello"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = cached_model("kimi-k2-tiny", "Q4_K_M", tmp_path_factory.getbasetemp() / "models")[0]
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hybrid_runtime.cli", "serve", str(model), "--port", str(port),
-                             "--n-ctx", str(N_CTX), "--max-queue", "4", "--api-key", KEY, "--model-name", "tiny",
-                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("the server did not become healthy")
-        yield base, port, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    args = ("--n-ctx", str(N_CTX), "--max-queue", "4", "--api-key", KEY, "--model-name", "tiny", "--threads", "1")
+    with serve_process(model, *args) as running:
+        yield running
 
 
 def post(base, body, path="/v1/chat/completions", timeout=30, headers=None, raw: bytes | None = None):

@@ -22,11 +22,9 @@ def _fill(model, cache, depth: int, rng) -> None:
         return
     if hasattr(cache, "reserve"):
         cache.reserve(depth)
-        pool = cache.pool
-        for b in cache.blocks:
-            rows = slice(b * 64, (b + 1) * 64)
-            pool.lat[:, rows] = rng.standard_normal(pool.lat[:, rows].shape, dtype=np.float32)
-            pool.pe[:, rows] = rng.standard_normal(pool.pe[:, rows].shape, dtype=np.float32)
+        pool, rows = cache.pool, cache.rows(0, depth)
+        pool.lat[:, rows] = rng.standard_normal(pool.lat[:, rows].shape, dtype=np.float32)
+        pool.pe[:, rows] = rng.standard_normal(pool.pe[:, rows].shape, dtype=np.float32)
         cache.commit(depth)
     else:
         toks = rng.integers(0, min(model.n_vocab, 2000), depth).tolist()

@@ -63,7 +63,7 @@ class PagedCache:
     def rows(self, start: int, end: int) -> np.ndarray:
         """Pool rows of tokens start..end-1."""
         j = np.arange(start, end)
-        return np.asarray(self.table)[j // BLOCK] * BLOCK + j % BLOCK
+        return self.table[j // BLOCK] * BLOCK + j % BLOCK
 
     def append(self, layer: int, latent, k_pe):
         """The LatentCache interface for the torch model (large prefill chunks): write T entries

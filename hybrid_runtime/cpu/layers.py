@@ -20,7 +20,7 @@ from numba import prange
 from hybrid_runtime.cpu.rows import need_for, quantize_row, quantize_rows, row_dot, run_jobs
 from hybrid_runtime.cpu.table import (F_ATTN_NORM, F_BIAS, F_DOWN, F_DOWN_X, F_FFN_NORM, F_GATE,
                                       F_GATE_X, F_K_B, F_KV_A, F_KV_A_NORM, F_MOE, F_O, F_Q_A,
-                                      F_Q_A_NORM, F_Q_B, F_ROUTER, F_UP, F_UP_X, F_V_B, M_COLS,
+                                      F_Q_A_NORM, F_Q_B, F_ROUTER, F_UP, F_UP_X, F_V_B, K_F32,
                                       M_ESTRIDE, M_KIND, M_NB, M_OFF, M_ROWS, M_RSTRIDE)
 
 (D_D, D_H, D_N, D_R, D_V, D_C, D_QL, D_E, D_K, D_NG, D_NGU, D_GATING, D_WNORM, D_BS, D_CHUNKS,
@@ -180,8 +180,9 @@ def attention(w, lt, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah):
                    s.Q, s.O, s.q_abs, s.scores, s.mx, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs)
     wo = lt[F_O]
     quantize_rows(s.O, T, H * V, need_for(w.mats, wo), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
-    for t in range(T):
-        a.X[t, :H * V] = s.O[t, :H * V]
+    if w.mats[wo, M_KIND] == K_F32:  # float weights read the activations themselves
+        for t in range(T):
+            a.X[t, :H * V] = s.O[t, :H * V]
     set_job(jobs, 0, wo, 0, 0, T, 0)
     project(w, jobs, 1, a, ident, s.Y2, n_chunks)
     for t in range(T):

@@ -25,7 +25,6 @@ from hybrid_runtime.cpu import table as tb
 from hybrid_runtime.cpu.cache import BLOCK, LatentPool, PagedCache
 from hybrid_runtime.errors import UnsupportedModelError
 from hybrid_runtime.quant.cpu_features import has_avx512_vnni
-from hybrid_runtime.quant.registry import get_format
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
 Weights = namedtuple("Weights", "space mats vecs va layers")
@@ -61,8 +60,7 @@ def build_table(gf: GGUFModelFile, cfg: ModelConfig, experts: dict) -> tb.Weight
         return t.matrix(ref.data, ref.ggml_type)
 
     def vec(name):
-        ref = gf.tensor(name)
-        return t.vector(get_format(ref.ggml_type).dequantize(ref.data))
+        return t.vector_of(gf, name)
 
     for i in range(cfg.n_layer):
         b = f"blk.{i}."
@@ -114,8 +112,7 @@ class CompiledDeepSeek2:
         self.embed_ref = gf.tensor("token_embd.weight")
         head_ref = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
         self.head_mat = t.matrix(head_ref.data, head_ref.ggml_type)
-        self.norm_vec = t.vector(get_format(gf.tensor("output_norm.weight").ggml_type).dequantize(
-            gf.tensor("output_norm.weight").data))
+        self.norm_vec = t.vector_of(gf, "output_norm.weight")
         space, mats = t.finish()
         self.w = Weights(space, mats, t.vecs, t.vec_arena, t.layers)
         # chunks of >= prefill_min_tokens tokens go through the torch model (oneDNN GEMMs beat the

@@ -1,5 +1,5 @@
-"""The weight table of the compiled CPU step: every matrix as (part, byte offset, kind, shape,
-strides) over a few flat byte arrays (the mapped file parts), built once at load.
+"""The weight table of the compiled CPU step: every matrix as (byte offset, kind, shape, strides)
+from one base address over the arrays the weights live in, built once at load.
 
 No weight is copied, except tensors of the 32-block types Q4_0 / Q5_0 / IQ4_NL, which are
 re-expressed exactly as Q8_0 blocks (their values are fp16 d times small integers, and their
@@ -7,7 +7,7 @@ vec_dot type is Q8_0 in llama.cpp too, so the integer products are the same), an
 vectors, gathered into one small float32 array.
 
 Layout of the int64 tables (rows are indexed by the ids the layer table holds):
-    mats [n_mat, 8]  (unused) | byte offset from the space's base | kind | rows | cols | row stride | expert stride | act blocks
+    mats [n_mat, 7]  byte offset from the space's base | kind | rows | cols | row stride | expert stride | act blocks
     vecs [n_vec, 2]  offset into the float32 vector arena | length
     layers [n_layer, N_FIELDS]  matrix / vector ids per role (-1: absent), see the F_* names
 """
@@ -15,7 +15,7 @@ Layout of the int64 tables (rows are indexed by the ids the layer table holds):
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from hybrid_runtime.errors import UnsupportedModelError
@@ -30,7 +30,7 @@ _REPACK_Q8_0 = (QT.Q4_0, QT.Q5_0, QT.IQ4_NL)
 N_FIELDS = 19
 
 # mats columns
-M_PART, M_OFF, M_KIND, M_ROWS, M_COLS, M_RSTRIDE, M_ESTRIDE, M_NB = range(8)
+M_OFF, M_KIND, M_ROWS, M_COLS, M_RSTRIDE, M_ESTRIDE, M_NB = range(7)
 
 
 def _addr(a: np.ndarray) -> int:
@@ -101,7 +101,7 @@ class WeightTable:
             raise UnsupportedModelError(f"the compiled CPU step has no kernel for {qtype.name}")
         self._arrays.append(data)
         e_stride = data.strides[0] if data.ndim == 3 else 0
-        self._mats.append([0, _addr(data), kind, data.shape[-2], cols, data.strides[-2], e_stride, n_act_blocks])
+        self._mats.append([_addr(data), kind, data.shape[-2], cols, data.strides[-2], e_stride, n_act_blocks])
         return len(self._mats) - 1
 
     def vector(self, values: np.ndarray) -> int:
@@ -110,6 +110,13 @@ class WeightTable:
         self._vec_rows.append((self._vec_len, v.size))
         self._vec_len += v.size
         return len(self._vec_rows) - 1
+
+    def vector_of(self, gf, name: str) -> int:
+        """The vector `name` of the file, dequantized to float32; -> vector id."""
+        from hybrid_runtime.quant.registry import get_format
+
+        ref = gf.tensor(name)
+        return self.vector(get_format(ref.ggml_type).dequantize(ref.data))
 
     def set(self, layer: int, field: int, value: int) -> None:
         self.layers[layer, field] = value
@@ -121,7 +128,7 @@ class WeightTable:
         hi = max(_addr(a) + _extent(a) for a in self._arrays)
         space = np.asarray(_Span(lo, hi - lo))
         space.flags.writeable = False
-        mats = np.array(self._mats, np.int64).reshape(-1, 8)
+        mats = np.array(self._mats, np.int64).reshape(-1, 7)
         mats[:, M_OFF] -= lo
         return space, mats
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 from hybrid_runtime.errors import InvalidRequestError
+from hybrid_runtime.util import write_atomic
 from hybrid_runtime.weights.gguf_file import TensorRef
 
 # Per routed token, every score is multiplied by this: a half-life of ~140 tokens (ln 2 / 0.005).
@@ -196,21 +195,6 @@ def _count(v, what: str) -> int:
     if type(v) is not int or not 0 <= v < 1 << 62:
         raise ValueError(f"{what} {v!r} is not an integer in [0, 2**62)")
     return v
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path via a temporary file in the same directory and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for a plain write
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass(slots=True)

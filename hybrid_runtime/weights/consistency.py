@@ -18,7 +18,7 @@ Shapes = dict[str, tuple[int, ...]]
 
 def deepseek2_shapes(cfg: ModelConfig, has: Callable[[str], bool]) -> tuple[Shapes, Shapes]:
     """(required, optional) tensors of a deepseek2 model, from its config."""
-    D, V, H = cfg.n_embd, cfg.n_vocab, cfg.n_head
+    D, V = cfg.n_embd, cfg.n_vocab
     required: Shapes = {"token_embd.weight": (V, D), "output_norm.weight": (D,)}
     optional: Shapes = {"output.weight": (V, D)}
     for il in range(cfg.n_layer):
