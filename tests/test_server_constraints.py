@@ -144,5 +144,7 @@ def test_thinking_template_reasoning_then_call_and_thinking_false(tiny):
             msg = out.response(step.finish_reason, step.stats)["choices"][0]
             assert msg["finish_reason"] == "tool_calls", (thinking, msg, req.params.max_tokens, req.constraint.plan)
             jsonschema.validate(json.loads(msg["message"]["tool_calls"][0]["function"]["arguments"]), tools[0]["function"]["parameters"])
-            assert "<" not in (msg["message"].get("reasoning_content") or "") + (msg["message"]["content"] or "")
+            text = (msg["message"].get("reasoning_content") or "") + (msg["message"]["content"] or "")
+            # no marker leaks (a random model may well write a plain "<", as it did once in CI)
+            assert "<|" not in text and "<think>" not in text and "</think>" not in text
             assert req.constraint is not None and (req.in_think is True)

@@ -20,35 +20,27 @@ def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 
 def ours_decode(model, n_prompt: int, n_gen: int) -> dict:
-    """Decode n_gen tokens after an n_prompt-token prefill; per-token and per-layer time."""
+    """Decode n_gen tokens after an n_prompt-token prefill: the median step, and the median time
+    of the same steps spent outside the compute kernels (Python and small-op overhead)."""
+    from hybrid_runtime.bench.timing import kernel_timer
+
     cache = model.new_cache()
     logits = model.forward(_tokens(n_prompt, model.n_vocab), cache)
     token = int(np.argmax(logits[-1]))
     model.forward([token], cache)  # warm-up step (first-call compilation, page faults)
-    times = []
-    for _ in range(n_gen):
-        t0 = time.perf_counter()
-        logits = model.forward([token], cache)
-        times.append(time.perf_counter() - t0)
-        token = int(np.argmax(logits[-1]))
+    times, rest = [], []
+    with kernel_timer() as spent:
+        for _ in range(n_gen):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            logits = model.forward([token], cache)
+            times.append(time.perf_counter() - t0)
+            rest.append(times[-1] - spent[0])
+            token = int(np.argmax(logits[-1]))
     step = float(np.median(times))
     n_layer = model.config.n_layer
     return {"tokens_per_s": 1.0 / step, "step_s": step, "per_layer_s": step / n_layer,
-            "overhead_per_layer_s": decode_overhead(model, cache, token, n_gen) / n_layer}
-
-
-def decode_overhead(model, cache, token: int, n_steps: int) -> float:
-    """Median (step time - time inside the compute kernels): Python and small-op overhead per step."""
-    from hybrid_runtime.bench.timing import kernel_timer
-
-    rest = []
-    with kernel_timer() as spent:
-        for _ in range(n_steps):
-            spent[0] = 0.0
-            t0 = time.perf_counter()
-            model.forward([token], cache)
-            rest.append(time.perf_counter() - t0 - spent[0])
-    return float(np.median(rest))
+            "overhead_per_layer_s": float(np.median(rest)) / n_layer}
 
 
 def ours_prefill(model, n_prompt: int, repeats: int = 2) -> dict:
@@ -108,7 +100,7 @@ def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode
     from hybrid_runtime.cpu.step import threading_layer
 
     t0 = time.perf_counter()
-    model = hr.load(path, threads=threads, n_ctx=max(n_prompt, decode_prompt) + 2 * n_gen + 64, **load_opts)
+    model = hr.load(path, threads=threads, n_ctx=max(n_prompt, decode_prompt) + n_gen + 64, **load_opts)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.forward([1], model.new_cache())  # the first step: Numba compiles here, or loads its cache

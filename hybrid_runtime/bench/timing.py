@@ -1,7 +1,8 @@
 """Time spent inside compute kernels during a decode step, to separate it from Python overhead.
 
 `kernel_timer()` temporarily wraps the callables that do the arithmetic (quantized matmuls, the
-MoE backends); everything else in a step (attention's small torch ops, routing, glue) is overhead.
+MoE backends, the compiled step's two Numba calls); everything else in a step (attention's small
+torch ops, routing, glue, the embedding lookup) is overhead.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import time
 
 @contextlib.contextmanager
 def kernel_timer():
+    from hybrid_runtime.cpu.step import CompiledDeepSeek2
     from hybrid_runtime.experts import backends
     from hybrid_runtime.weights import provider
 
-    classes = [provider.KernelLinear, provider.KernelHeadLinear, provider.RoundedLinear,
-               provider.RoundedHeadLinear, backends.CpuQuantExperts, backends.FloatExperts]
+    methods = [(cls, "__call__") for cls in (provider.KernelLinear, provider.KernelHeadLinear, provider.RoundedLinear,
+                                             provider.RoundedHeadLinear, backends.CpuQuantExperts,
+                                             backends.FloatExperts)]
+    methods += [(CompiledDeepSeek2, "_run"), (CompiledDeepSeek2, "logits")]
     spent = [0.0]
-    originals = {cls: cls.__call__ for cls in classes}
+    originals = {m: getattr(*m) for m in methods}
 
     def wrap(orig):
         def timed(self, *args):
@@ -30,10 +34,10 @@ def kernel_timer():
 
         return timed
 
-    for cls, orig in originals.items():
-        cls.__call__ = wrap(orig)
+    for (cls, name), orig in originals.items():
+        setattr(cls, name, wrap(orig))
     try:
         yield spent
     finally:
-        for cls, orig in originals.items():
-            cls.__call__ = orig
+        for (cls, name), orig in originals.items():
+            setattr(cls, name, orig)
