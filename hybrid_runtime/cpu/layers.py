@@ -17,6 +17,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from hybrid_runtime.quant.floatbits import f32_bits
 from hybrid_runtime.cpu.rows import need_for, quantize_row, quantize_rows, row_dot, run_jobs
 from hybrid_runtime.cpu.table import (F_ATTN_NORM, F_BIAS, F_DOWN, F_DOWN_X, F_FFN_NORM, F_GATE,
                                       F_GATE_X, F_K_B, F_KV_A, F_KV_A_NORM, F_MOE, F_O, F_Q_A,
@@ -89,52 +90,151 @@ def cache_row(btab, t, j, bs):
     return btab[t, j // bs] * bs + j % bs
 
 
+HT = 8  # heads per register tile of the attention core (a head group is padded to a multiple)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
+def exp_neg(x):
+    """e**x for x <= 0 in float32 (relative error ~1e-7; 0 below -87), written so that LLVM
+    vectorizes a loop over it (there is no vector exp without SVML)."""
+    x = max(x, np.float32(-87.0))
+    k = np.rint(x * np.float32(1.4426950408889634))
+    f = x - k * np.float32(0.693145751953125) - k * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040.0)
+    p = p * f + np.float32(1.0 / 720.0)
+    p = p * f + np.float32(1.0 / 120.0)
+    p = p * f + np.float32(1.0 / 24.0)
+    p = p * f + np.float32(1.0 / 6.0)
+    p = p * f + np.float32(0.5)
+    p = p * f + np.float32(1.0)
+    p = p * f + np.float32(1.0)
+    return p * f32_bits(np.int32((np.int32(k) + 127) << 23))
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
+def dot_tile(q, stride, row, n, out):
+    """out[i] += q[i*stride : +n] . row[:n] for the HT heads i of a tile: one pass over the cache
+    row serves all of them (each head its own accumulator: the same arithmetic for every head).
+    q starts at the tile (a slice): an offset added to every index keeps LLVM from vectorizing."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    for c in range(n):
+        x = row[c]
+        a0 += q[c] * x
+        a1 += q[stride + c] * x
+        a2 += q[2 * stride + c] * x
+        a3 += q[3 * stride + c] * x
+        a4 += q[4 * stride + c] * x
+        a5 += q[5 * stride + c] * x
+        a6 += q[6 * stride + c] * x
+        a7 += q[7 * stride + c] * x
+    out[0] += a0
+    out[1] += a1
+    out[2] += a2
+    out[3] += a3
+    out[4] += a4
+    out[5] += a5
+    out[6] += a6
+    out[7] += a7
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
+def axpy_tile(o, i0, p, row, n):
+    """o[i0 + i, :n] += p[i] * row[:n] for the HT heads of a tile (one pass over the cache row)."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    for c in range(n):
+        x = row[c]
+        o[i0, c] += p0 * x
+        o[i0 + 1, c] += p1 * x
+        o[i0 + 2, c] += p2 * x
+        o[i0 + 3, c] += p3 * x
+        o[i0 + 4, c] += p4 * x
+        o[i0 + 5, c] += p5 * x
+        o[i0 + 6, c] += p6 * x
+        o[i0 + 7, c] += p7 * x
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def tile_scores(qa, qp, i0, C, R, lat, pe, btab, t, bs, L, scale, sc, LM, mx, acc):
+    """sc[(i0+i)*LM + j] = scale * (q_abs . c_j + q_pe . pe_j) for the tile's heads, j < L; mx = max.
+    (fastmath in its own function: an inlined body takes its caller's flags.)"""
+    for j in range(L):
+        row = btab[t, j // bs] * bs + j % bs
+        acc[:] = 0.0
+        dot_tile(qa[i0 * C:], C, lat[row], C, acc)
+        dot_tile(qp[i0 * R:], R, pe[row], R, acc)
+        for i in range(HT):
+            v = acc[i] * scale
+            sc[(i0 + i) * LM + j] = v
+            mx[i0 + i] = max(mx[i0 + i], v)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def softmax_rows(sc, n, LM, L, mx):
+    """Rows i < n of sc (stride LM, length L) -> exp(v - mx[i]); mx[i] -> 1 / the row's sum."""
+    for i in range(n):
+        m, tot = mx[i], np.float32(0.0)
+        for j in range(L):
+            e = exp_neg(sc[i * LM + j] - m)
+            sc[i * LM + j] = e
+            tot += e
+        mx[i] = np.float32(1.0) / tot
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, p):
+    """ol[i0 + i] += p_ij c_j over j < L for the tile's heads (p = softmax weights)."""
+    for j in range(L):
+        row = btab[t, j // bs] * bs + j % bs
+        for i in range(HT):
+            p[i] = sc[(i0 + i) * LM + j] * mx[i0 + i]
+        axpy_tile(ol, i0, p, lat[row], C)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
-def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, q_abs_t, scores_t, mx_t,
-                   X, kq, kn, kd, ks, zq, zd, zs):
-    """Per (token, group of HG heads): q_abs = k_b q_nope per head; then one pass over the token's
-    cache rows serves every head of the group (MLA shares one latent across heads, so a row is read
-    once per group, not once per head): scores, softmax, o_lat = sum p_j c_j; o = v_b o_lat ->
-    O[t, h*V:(h+1)*V]. q_nope rows are quantized in activation rows t*H + h; rows T*H + thread*HG +
-    i hold a thread's o_lat rows. A head's arithmetic does not depend on its group. (Arrays are
-    passed one by one: Numba's parallel regions take no tuples.)"""
+def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, q_abs_t, qpe_t, scores_t, mx_t,
+                   olat_t, X, kq, kn, kd, ks, zq, zd, zs):
+    """Per (token, group of HG heads): q_abs = k_b q_nope per head; then the group's heads in tiles
+    of HT: one pass over the token's cache rows per tile computes every head's score (MLA shares
+    one latent across heads), a vectorized softmax, then one pass for o_lat = sum p_j c_j; o =
+    v_b o_lat -> O[t, h*V:(h+1)*V]. A group is padded with zero heads to whole tiles, so every
+    head runs the same code whatever its group or batch. q_nope rows are quantized in activation
+    rows t*H + h; rows T*H + thread*HG + i hold a thread's o_lat rows. (Arrays are passed one by
+    one: Numba's parallel regions take no tuples.)"""
     H, N, R, V, C, bs, HG, LM = dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_BS], dm[D_HG], dm[D_LMAX]
     kind_k, nb_k, rs_k, es_k, off_k = mats[kb, M_KIND], mats[kb, M_NB], mats[kb, M_RSTRIDE], mats[kb, M_ESTRIDE], mats[kb, M_OFF]
     kind_v, nb_v, rs_v, es_v, off_v = mats[vb, M_KIND], mats[vb, M_NB], mats[vb, M_RSTRIDE], mats[vb, M_ESTRIDE], mats[vb, M_OFF]
     need_v = need_for(mats, vb)
     n_groups = (H + HG - 1) // HG
+    n_pad = (HG + HT - 1) // HT * HT
     for item in prange(T * n_groups):
         t, g = item // n_groups, item % n_groups
         h0 = g * HG
         nh = min(H, h0 + HG) - h0
         tid = numba.get_thread_id()
-        qa, sc, mx = q_abs_t[tid], scores_t[tid], mx_t[tid]
-        for i in range(nh):
-            for c in range(C):
-                qa[i * C + c] = row_dot(kind_k, nb_k, N, space, off_k + (h0 + i) * es_k + c * rs_k,
-                                        X, kq, kn, kd, ks, zq, zd, zs, t * H + h0 + i)
+        qa, qp, sc, mx, ol = q_abs_t[tid], qpe_t[tid], scores_t[tid], mx_t[tid], olat_t[tid]
+        for i in range(n_pad):
+            if i < nh:
+                for c in range(C):
+                    qa[i * C + c] = row_dot(kind_k, nb_k, N, space, off_k + (h0 + i) * es_k + c * rs_k,
+                                            X, kq, kn, kd, ks, zq, zd, zs, t * H + h0 + i)
+                for r in range(R):
+                    qp[i * R + r] = Q[t, (h0 + i) * (N + R) + N + r]
+            else:
+                qa[i * C: (i + 1) * C] = 0.0
+                qp[i * R: (i + 1) * R] = 0.0
             mx[i] = -np.inf
         L = pos[t] + 1
-        for j in range(L):
-            row = cache_row(btab, t, j, bs)
-            for i in range(nh):
-                v = (dot(qa, i * C, lat[row], 0, C) + dot(Q[t], (h0 + i) * (N + R) + N, pe[row], 0, R)) * scale
-                sc[i * LM + j] = v
-                mx[i] = max(mx[i], v)
-        for i in range(nh):
-            tot = np.float32(0.0)
-            for j in range(L):
-                e = np.float32(math.exp(sc[i * LM + j] - mx[i]))
-                sc[i * LM + j] = e
-                tot += e
-            mx[i] = tot  # now the softmax denominator
-            X[T * H + tid * HG + i, :C] = 0.0
-        for j in range(L):
-            row = cache_row(btab, t, j, bs)
-            for i in range(nh):
-                axpy(X[T * H + tid * HG + i], sc[i * LM + j] / mx[i], lat[row], C)
+        acc = sc[n_pad * LM: n_pad * LM + HT]  # the tile's accumulators
+        for i0 in range(0, n_pad, HT):
+            tile_scores(qa, qp, i0, C, R, lat, pe, btab, t, bs, L, scale, sc, LM, mx, acc)
+        softmax_rows(sc, n_pad, LM, L, mx)
+        for i in range(n_pad):
+            ol[i, :C] = 0.0
+        for i0 in range(0, n_pad, HT):
+            tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, acc)
         for i in range(nh):
             arow = T * H + tid * HG + i
+            X[arow, :C] = ol[i, :C]
             quantize_row(X[arow], C, need_v, kq, kn, kd, ks, zq, zd, zs, arow)
             h = h0 + i
             for v_ in range(V):
@@ -177,7 +277,8 @@ def attention(w, lt, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah):
             ah.X[t * H + h, :N] = s.Q[t, h * (N + R): h * (N + R) + N]
             quantize_row(ah.X[t * H + h], N, need_k, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs, t * H + h)
     attention_core(w.space, w.mats, lt[F_K_B], lt[F_V_B], dm, np.float32(fd[FD_SCALE]), T, pos, btab, lat, pe,
-                   s.Q, s.O, s.q_abs, s.scores, s.mx, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs)
+                   s.Q, s.O, s.q_abs, s.qpe, s.scores, s.mx, s.olat, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd,
+                   ah.zs)
     wo = lt[F_O]
     quantize_rows(s.O, T, H * V, need_for(w.mats, wo), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
     if w.mats[wo, M_KIND] == K_F32:  # float weights read the activations themselves

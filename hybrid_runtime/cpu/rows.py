@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.extending import intrinsic
+from numba import prange
 
 from hybrid_runtime.quant.numba_cache import use_versioned_cache_dir
 
 use_versioned_cache_dir()
 
 from hybrid_runtime.quant import vnni  # noqa: E402
+from hybrid_runtime.quant.floatbits import f16_round  # noqa: E402
 from hybrid_runtime.quant.kernels import (K_Q2_K, K_Q3_K, K_Q4_K, K_Q5_K, K_Q6_K, K_Q8_0,  # noqa: E402
                                           q80_block_dot)
 from hybrid_runtime.cpu.table import K_F32, M_COLS, M_ESTRIDE, M_KIND, M_NB, M_OFF, M_ROWS, M_RSTRIDE  # noqa: E402
@@ -39,30 +38,6 @@ def act_kind(kind):
     if kind == K_F32:
         return ACT_NONE
     return ACT_Q8_0 if kind == K_Q8_0 else ACT_Q8_K
-
-
-@intrinsic
-def _bits_f32(typingctx, v):  # float32 -> its int32 bit pattern
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _f32_bits(typingctx, b):  # int32 bit pattern -> float32
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
-@numba.njit(cache=True, inline="always")
-def f16_round(v):
-    """The float32 nearest to v among fp16 values (round half to even), as F16C converts."""
-    if abs(v) < np.float32(6.103515625e-05):  # subnormal fp16: multiples of 2**-24
-        return np.float32(np.rint(v * np.float32(16777216.0)) * np.float32(5.9604644775390625e-08))
-    b = np.int32(_bits_f32(np.float32(v)))
-    b = np.int32(b + np.int32(0xFFF) + ((b >> 13) & 1)) & np.int32(-8192)
-    return _f32_bits(b)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -29,7 +29,7 @@ from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
 Weights = namedtuple("Weights", "space mats vecs va layers")
 Acts = namedtuple("Acts", "X kq kn kd ks zq zd zs")
-Scratch = namedtuple("Scratch", "jobs ident Y1 Q O Y2 Yx Yd q_abs scores mx ids wts probs sel counts offsets "
+Scratch = namedtuple("Scratch", "jobs ident Y1 Q O Y2 Yx Yd q_abs qpe scores mx olat ids wts probs sel counts offsets "
                                 "pair_tok pair_of_slot")
 _POOL_SEQS = 4  # full contexts the latent pool holds before it grows
 
@@ -151,6 +151,7 @@ class CompiledDeepSeek2:
         width = max(c.n_embd, c.q_lora_rank, H * c.v_head, F, c.kv_lora_rank)
         self.a = acts(P, width)
         hg = int(self.dm[self._L.D_HG])
+        hgp = -(-hg // self._L.HT) * self._L.HT  # a head group padded to whole register tiles
         self.ah = acts(T * H + n_th * hg, max(c.qk_nope, c.kv_lora_rank))
         y1 = max((c.q_lora_rank or hq) + c.kv_lora_rank + c.qk_rope, E + 2 * F)
         self.s = Scratch(
@@ -158,17 +159,18 @@ class CompiledDeepSeek2:
             Y1=np.zeros((T, y1), np.float32), Q=np.zeros((T, hq), np.float32),
             O=np.zeros((T, H * c.v_head), np.float32), Y2=np.zeros((T, c.n_embd), np.float32),
             Yx=np.zeros((P, 2 * F), np.float32), Yd=np.zeros((P, c.n_embd), np.float32),
-            q_abs=np.zeros((n_th, hg * c.kv_lora_rank), np.float32), scores=np.zeros((n_th, hg), np.float32),
-            mx=np.zeros((n_th, hg), np.float32),
+            q_abs=np.zeros((n_th, hgp * c.kv_lora_rank), np.float32), qpe=np.zeros((n_th, hgp * c.qk_rope), np.float32),
+            scores=np.zeros((n_th, self._L.HT), np.float32), mx=np.zeros((n_th, hgp), np.float32),
+            olat=np.zeros((n_th, hgp, c.kv_lora_rank), np.float32),
             ids=np.zeros((T, K), np.int64), wts=np.zeros((T, K), np.float32), probs=np.zeros(E, np.float32),
             sel=np.zeros(E, np.float32), counts=np.zeros(E, np.int64), offsets=np.zeros(E + 1, np.int64),
             pair_tok=np.zeros(T * K, np.int64), pair_of_slot=np.zeros(T * K, np.int64))
         self.logit_rows = np.arange(T, dtype=np.int64)
 
     def _fit_context(self, n_ctx: int) -> None:
-        hg = int(self.dm[self._L.D_HG])
-        if self.dm[self._L.D_LMAX] < n_ctx:  # scores: [threads, heads per group * n_ctx]
-            self.s = self.s._replace(scores=np.zeros((self.s.scores.shape[0], hg * n_ctx), np.float32))
+        hgp = self.s.mx.shape[1]
+        if self.dm[self._L.D_LMAX] < n_ctx:  # scores: [threads, padded heads per group * n_ctx + a tile]
+            self.s = self.s._replace(scores=np.zeros((self.s.scores.shape[0], hgp * n_ctx + self._L.HT), np.float32))
             self.dm[self._L.D_LMAX] = n_ctx
         if self.rope._cos.shape[0] < n_ctx:
             self.rope._table(n_ctx)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from gguf.quants import dequantize
@@ -150,17 +151,34 @@ def check_input(x: np.ndarray, experts: ExpertWeights, ff_range) -> tuple[np.nda
     return x, *_check_range(ff_range, experts)
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _combine(y, pair_slot, pair_weight, n_tok, k, out, add):
+    """out[t] (+)= sum over k of pair_weight[p] * y[p] for the pairs p of token t, in slot order."""
+    pair_of = np.full(n_tok * k, -1, np.int64)
+    for p in range(pair_slot.shape[0]):
+        pair_of[pair_slot[p]] = p
+    for t in numba.prange(n_tok):
+        for d in range(y.shape[1]):
+            acc = np.float32(0.0)
+            first = True
+            for j in range(k):
+                p = pair_of[t * k + j]
+                if p < 0:
+                    continue
+                v = pair_weight[p] * y[p, d]
+                acc = v if first else acc + v
+                first = False
+            out[t, d] = out[t, d] + acc if add else acc
+
+
 def scatter_pairs(out: np.ndarray | None, n_tok: int, route: Routing, y: np.ndarray) -> np.ndarray:
-    """out[t] += sum over the K pairs p of token t of pair_weight[p] * y[p]."""
+    """out[t] += sum over the K pairs p of token t of pair_weight[p] * y[p] (in slot order)."""
     n_slots = route.n_slots if route.n_slots >= 0 else len(route.pair_slot)
-    full = len(route.pair_slot) == n_slots
-    by_slot = (np.empty if full else np.zeros)((n_slots, y.shape[1]), np.float32)  # [T*K, D]
-    by_slot[route.pair_slot] = y * route.pair_weight[:, None]
-    total = by_slot.reshape(n_tok, -1, y.shape[1]).sum(axis=1)   # [T, D]
-    if out is None:
-        return total
-    out += total
-    return out
+    k = n_slots // n_tok if n_tok else 1
+    target = out if out is not None else np.empty((n_tok, y.shape[1]), np.float32)
+    _combine(np.ascontiguousarray(y, np.float32), route.pair_slot, route.pair_weight, n_tok, k, target,
+             out is not None)
+    return target
 
 
 def moe_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: ExpertWeights, *,

@@ -14,15 +14,20 @@ from gguf import GGMLQuantizationType as QT
 
 from hybrid_runtime.experts.moe_cpu import (ExpertWeights, Routing, column_slice, check_input,
                                             expert_pairs_forward, group_by_expert, scatter_pairs)
-from hybrid_runtime.quant.kernels import dequantize_rows
+from hybrid_runtime.quant.bf16 import as_bf16, dequantize_bf16
 
-# Tokens routed to one expert from which dequantize-to-bf16 + torch.matmul beats the integer
-# kernels. bench_prefill_threshold() on the 2-core Zen 4 dev box, 2 threads, Kimi K2 expert shapes
-# (D 7168, F 2048, Q4_K gate/up, Q6_K down), ms per expert, integer / torch: 32 tokens 22.8 / 83,
-# 64 tokens 37.0 / 48.1, 128 tokens 71.3 / 48.9, 256 tokens 149 / 78. The integer path costs
-# ~0.57 ms per token, torch ~40 ms (mostly the dequantization) + ~0.15 ms per token: they cross
-# near 95 tokens.
+# Tokens in a batch from which the torch model (oneDNN GEMMs on dequantized weights) beats the
+# integer row kernels for the whole layer; the compiled step hands chunks this long to it.
+# Measured on the Zen 4 dev box at K2 expert shapes (integer ~0.57 ms per token and expert, the
+# old float32 dequantization + torch ~40 ms + 0.15 ms per token: they crossed near 95 tokens).
 TORCH_MIN_TOKENS = 96
+
+# Tokens routed to one expert from which dequantizing it straight to bf16 (quant/bf16.py, ~8.5 G
+# values/s on 2 threads) + torch's bf16 matmul (AMX/AVX-512 BF16 through oneDNN) beats the integer
+# kernels. bench_prefill_threshold(), 2 threads, ms per expert integer / bf16: medium shapes (D 2048,
+# F 768) 8 tokens 0.71 / 1.14, 16 tokens 1.30 / 1.20, 64 tokens 4.76 / 1.78; K2 shapes (D 7168,
+# F 2048) 16 tokens 9.6 / 9.3, 64 tokens 37.8 / 13.2.
+BF16_EXPERT_MIN_TOKENS = 16
 
 
 def configure_threads(n: int) -> None:
@@ -32,19 +37,39 @@ def configure_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _dense_bf16(w: np.ndarray, qtype: QT, e: int) -> torch.Tensor:  # [R, C] bf16
-    if w.dtype in (np.float32, np.float16):
-        return torch.from_numpy(np.ascontiguousarray(w[e], np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(dequantize_rows(qtype, w[e])).to(torch.bfloat16)
+class _Bf16Buffers:
+    """Reused bf16 weight buffers (a fresh 10 MB array per expert would cost its page faults)."""
+
+    def __init__(self):
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, rows: int, cols: int) -> np.ndarray:  # uint16 [rows, cols]
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < rows * cols:
+            buf = self._bufs[name] = np.empty(rows * cols, np.uint16)
+        return buf[: rows * cols].reshape(rows, cols)
+
+
+_BUFFERS = _Bf16Buffers()
+
+
+def _dequant_into(out: np.ndarray, w: np.ndarray, qtype: QT, e: int) -> np.ndarray:
+    return dequantize_bf16(qtype, w[e], out)
 
 
 def _expert_torch(x: torch.Tensor, experts: ExpertWeights, e: int, f0: int, f1: int) -> torch.Tensor:
-    """One expert's FFN for the tokens x bf16 [n, D] -> float32 [n, D]."""
-    wg = _dense_bf16(experts.gate[:, f0:f1], experts.gate_type, e)   # [Fs, D]
-    wu = _dense_bf16(experts.up[:, f0:f1], experts.up_type, e)       # [Fs, D]
-    h = torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)              # [n, Fs]
-    wd = _dense_bf16(column_slice(experts.down, experts.down_type, f0, f1), experts.down_type, e)  # [D, Fs]
-    return (h @ wd.T).float()                                        # [n, D]
+    """One expert's FFN for the tokens x bf16 [n, D] -> float32 [n, D]: the weights dequantized
+    straight to bf16 into reused buffers, gate and up in one matmul."""
+    gate, up = experts.gate[:, f0:f1], experts.up[:, f0:f1]
+    fs, d = f1 - f0, experts.hidden
+    wgu = _BUFFERS.get("gate_up", 2 * fs, d)
+    _dequant_into(wgu[:fs], gate, experts.gate_type, e)
+    _dequant_into(wgu[fs:], up, experts.up_type, e)
+    gu = x @ as_bf16(wgu).T                                          # [n, 2 Fs]
+    h = torch.nn.functional.silu(gu[:, :fs]) * gu[:, fs:]            # [n, Fs]
+    wd = _dequant_into(_BUFFERS.get("down", d, fs), column_slice(experts.down, experts.down_type, f0, f1),
+                       experts.down_type, e)                         # [D, Fs]
+    return (h @ as_bf16(wd).T).float()                               # [n, D]
 
 
 def _subset(route: Routing, groups: np.ndarray) -> tuple[Routing, np.ndarray]:
@@ -61,7 +86,7 @@ def _subset(route: Routing, groups: np.ndarray) -> tuple[Routing, np.ndarray]:
 
 def prefill_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: ExpertWeights, *,
                     ff_range: tuple[int, int] | None = None, out: np.ndarray | None = None,
-                    torch_min_tokens: int = TORCH_MIN_TOKENS) -> np.ndarray:
+                    torch_min_tokens: int = BF16_EXPERT_MIN_TOKENS) -> np.ndarray:
     """Same result as moe_forward (float32 [T, D]), choosing per expert between torch and the kernels."""
     x, f0, f1 = check_input(x, experts, ff_range)
     route = group_by_expert(ids, weights, experts.n_expert)

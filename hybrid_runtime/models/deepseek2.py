@@ -21,6 +21,7 @@ from hybrid_runtime.layers import Rope, rms_norm, swiglu_ffn
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
 ARCH = "deepseek2"
+QUERY_BLOCK = 128  # new tokens per attention block in a long chunk
 
 
 def read_config(gf: GGUFModelFile) -> ModelConfig:
@@ -149,14 +150,20 @@ class Attention:
         k_pe = self.rope(kv[:, None, c.kv_lora_rank :], pos)[:, 0]  # [T, R]
         lat_all, pe_all = cache.append(self.layer, latent, k_pe)  # [L, C], [L, R] on the latents' device
         q_abs = self.wk_b(q_nope)  # [T, H, C]
-        scores = torch.einsum("thc,lc->thl", q_abs, lat_all) + torch.einsum("thr,lr->thl", q_pe, pe_all)
-        scores = scores * c.attn_scale
-        L = lat_all.shape[0]
-        causal = (torch.arange(L)[None, :] > pos[:, None]).to(scores.device)  # [T, L]
-        probs = torch.softmax(scores.masked_fill(causal[:, None, :], float("-inf")), dim=-1)  # [T, H, L]
-        o_lat = torch.einsum("thl,lc->thc", probs, lat_all)  # [T, H, C]
+        # query blocks see only the cache rows up to their last position (causal): ~half the work
+        o_lat = torch.cat([self._attend(q_abs[t0: t0 + QUERY_BLOCK], q_pe[t0: t0 + QUERY_BLOCK], lat_all, pe_all,
+                                        pos[t0: t0 + QUERY_BLOCK]) for t0 in range(0, T, QUERY_BLOCK)])
         o = self.wv_b(o_lat)  # [T, H, V]
         return self.wo(o.reshape(T, c.n_head * c.v_head))
+
+    def _attend(self, q_abs, q_pe, lat_all, pe_all, pos):  # -> o_lat [t, H, C]
+        L = int(pos[-1]) + 1
+        lat, pe = lat_all[:L], pe_all[:L]
+        scores = torch.einsum("thc,lc->thl", q_abs, lat) + torch.einsum("thr,lr->thl", q_pe, pe)
+        scores = scores * self.cfg.attn_scale
+        causal = (torch.arange(L)[None, :] > pos[:, None]).to(scores.device)  # [t, L]
+        probs = torch.softmax(scores.masked_fill(causal[:, None, :], float("-inf")), dim=-1)  # [t, H, L]
+        return torch.einsum("thl,lc->thc", probs, lat)  # [t, H, C]
 
 
 class DenseFFN:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 _SOURCES = ("quant/kernels.py", "quant/vnni.py", "quant/q8k.py", "quant/cpu_features.py",
-            "cpu/table.py", "cpu/rows.py", "cpu/layers.py")
+            "quant/floatbits.py", "quant/bf16.py", "quant/act_quant.py", "cpu/table.py", "cpu/rows.py", "cpu/layers.py")
 
 
 def use_versioned_cache_dir() -> None:
