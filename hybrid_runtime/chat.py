@@ -139,8 +139,9 @@ def reply(s: ChatSession, text: str, out=None, stats_to_stderr: bool = False) ->
             _say(f"The conversation ({len(prompt)} tokens) no longer fits the context of {n_ctx}; /clear to start over.")
             return False
         params = dataclasses.replace(s.params, max_tokens=min(s.params.max_tokens, n_ctx - len(prompt)))
+        opened = prompt_opens_think(tok.render_chat(convo)[-64:])
         try:
-            constraint = fitted_json_constraint(tok, True, params.max_tokens) if s.format == "json" else None
+            constraint = fitted_json_constraint(tok, True, params.max_tokens, opened) if s.format == "json" else None
         except InvalidRequestError as e:
             _say(f"{e}; raise max_tokens with /set max_tokens N.")
             return False
@@ -148,7 +149,7 @@ def reply(s: ChatSession, text: str, out=None, stats_to_stderr: bool = False) ->
         _live_requests[:] = [handle.request]
         if hits:
             handle.cancel()
-        parser = StreamParser(in_think=prompt_opens_think(tok.render_chat(convo)[-64:]), parse_tools=False)
+        parser = StreamParser(in_think=opened, parse_tools=False)
         printer = ReplyPrinter(out)
         try:
             stats = _stream_reply(handle, parser, printer)

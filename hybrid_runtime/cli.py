@@ -153,9 +153,11 @@ def _generate(m, prompt: str, chat: bool, sampling: dict, schema=None) -> None:
     console.print(f"[dim]{m.config.arch} · {m.file.path.name} · {len(ids)} prompt tokens[/dim]")
     constraint = None
     if schema is not None:
+        from hybrid_runtime.chat_format import prompt_opens_think
         from hybrid_runtime.engine.grammar import fitted_json_constraint
 
-        constraint = fitted_json_constraint(m.tokenizer, schema, sampling["max_tokens"])
+        opened = chat and prompt_opens_think(m.tokenizer.render_chat([{"role": "user", "content": prompt}])[-64:])
+        constraint = fitted_json_constraint(m.tokenizer, schema, sampling["max_tokens"], opened)
     sys.stdout.write(prompt if not chat and constraint is None else "")
     for piece in m.generate(ids, constraint=constraint, **sampling):
         sys.stdout.write(piece)

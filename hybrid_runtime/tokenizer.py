@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from hybrid_runtime.errors import InvalidRequestError, ModelFormatError
@@ -71,6 +71,8 @@ class Tokenizer:
         self._env.filters["tojson"] = lambda v, indent=None, ensure_ascii=False: json.dumps(v, indent=indent, ensure_ascii=ensure_ascii)
         try:
             self._template = self._env.from_string(self.chat_template)
+            # the variables the template reads but never sets (e.g. K2.5's `thinking` switch)
+            self.template_vars = frozenset(meta.find_undeclared_variables(self._env.parse(self.chat_template)))
         except TemplateError as e:
             raise ModelFormatError(f"{gf.path}: the chat template does not parse ({e})") from None
 
@@ -127,13 +129,16 @@ class Tokenizer:
                 content = key
             m["content"] = content
             msgs.append(m)
+        # extra variables never replace the reserved ones nor the environment's globals (namespace, range…)
+        extra = {k: v for k, v in (template_kwargs or {}).items()
+                 if k not in _RESERVED_VARS and k not in self._env.globals}
         try:
-            extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_VARS}
             return self._template.render(
                 **extra, messages=msgs, tools=tools or None, add_generation_prompt=add_generation_prompt,
                 bos_token=self._piece(self.bos_id), eos_token="",
             )
-        except TemplateError as e:
+        except (TemplateError, TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+            # request data the template cannot take (a kwarg of the wrong type, a message field…)
             raise InvalidRequestError(f"the chat template failed on these messages: {e}") from None
 
     def _piece(self, token_id) -> str:

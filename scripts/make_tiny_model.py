@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kv-layout", choices=["split", "combined"], default=None,
                     help="split attn_k_b/attn_v_b (MLA) or legacy attn_kv_b; default per preset")
     ap.add_argument("--tied-output", action="store_true", help="no output.weight (uses token_embd)")
-    ap.add_argument("--thinking", action="store_true", help="K2-Thinking chat template")
+    ap.add_argument("--thinking", nargs="?", const="k2-thinking", default=False, choices=["k2-thinking", "k2.5"],
+                    help="a thinking chat template: K2-Thinking (the default) or K2.5 (reads the `thinking` "
+                         "variable: chat_template_kwargs {\"thinking\": false} turns reasoning off)")
     ap.add_argument("--no-gating-key", action="store_true",
                     help="omit deepseek2.expert_gating_func (llama.cpp then assumes softmax)")
     return ap.parse_args(argv)

@@ -51,6 +51,20 @@ def test_think_block_then_json(model):
         assert isinstance(json.loads(body), dict)
 
 
+def test_an_opened_think_block_ends_before_the_json(model):
+    """A prompt that opened <think> (K2.5's; the chat and `generate --chat` pass opened=True): the reply
+    is reasoning, one </think>, then the document, parsed so by the chat's parser."""
+    from hybrid_runtime.chat_format import parse_assistant
+
+    rng = random.Random()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for _ in range(3):
+        c = fitted_json_constraint(model.tokenizer, schema, 32, opened=True)
+        text = "".join(model.generate(model.tokenize("x"), max_tokens=32, temperature=1.0, seed=rng.randrange(1000), constraint=c))
+        assert text.count("</think>") == 1 and "<think>" not in text
+        jsonschema.validate(json.loads(parse_assistant(text, in_think=True).content), schema)
+
+
 @pytest.mark.parametrize("lark, message", [("start: <|nosuch|>", "unknown special token"), ("start: (", "does not compile")])
 def test_bad_grammars_are_one_clear_error(model, lark, message):
     with pytest.raises(GrammarError, match=message):

@@ -79,25 +79,24 @@ def test_json_object_replies_are_objects(client, stream):
         assert isinstance(json.loads(ask(client, rng, {"type": "json_object"}, stream)), dict)
 
 
-def test_completions_grammar_and_response_format(structured_server):
-    base = structured_server[0]
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions_grammar_and_response_format(client, stream):
+    """/v1/completions through the openai client: a Lark `grammar` and a `response_format` (extra_body)."""
     rng = random.Random()
     words = [f"w{rng.randrange(1000)}" for _ in range(3)]
     lark = "start: WORD (\" \" WORD)*\nWORD: " + " | ".join(json.dumps(w) for w in words) + "\n"
-    for stream in (False, True):
-        body = {"model": "tiny", "prompt": "Say:", "max_tokens": 12, "temperature": 1.0, "grammar": lark,
-                "seed": rng.randrange(1 << 30), "stream": stream}
-        r = httpx.post(base + "/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        if stream:
-            lines = [l[6:] for l in r.text.splitlines() if l.startswith("data: ") and l != "data: [DONE]"]
-            text = "".join(json.loads(l)["choices"][0]["text"] for l in lines)
-        else:
-            text = r.json()["choices"][0]["text"]
-        assert set(text.split(" ")) <= set(words), text
-    body = {"model": "tiny", "prompt": "JSON:", "max_tokens": 16, "temperature": 1.0,
-            "response_format": {"type": "json_object"}}
-    assert isinstance(json.loads(httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]), dict)
+
+    def text(prompt: str, max_tokens: int, extra: dict) -> str:
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=1.0,
+                                      seed=rng.randrange(1 << 30), stream=stream, extra_body=extra)
+        return "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
+
+    for _ in range(4):
+        assert set(text("Say:", 12, {"grammar": lark}).split(" ")) <= set(words)
+        schema = random_schema(rng)
+        rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        jsonschema.validate(json.loads(text("JSON:", 96, {"response_format": rf})), schema)
+        assert isinstance(json.loads(text("JSON:", 24, {"response_format": {"type": "json_object"}})), dict)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -119,32 +118,27 @@ def test_bad_formats_are_400_and_the_server_stays_healthy(structured_server, bod
     assert httpx.get(base + "/health", timeout=5).status_code == 200
 
 
-def test_thinking_template_reasoning_then_call_and_thinking_false(tiny):
-    """In process: a template whose generation prompt opens <think> → reasoning_content, then a valid call;
-    chat_template_kwargs {"thinking": false} → no think block in the grammar at all."""
-    import hybrid_runtime as hr
-    from hybrid_runtime.engine.generate import Sequence, generate
-    from hybrid_runtime.server.protocol import parse_chat
-    from hybrid_runtime.server.responses import Output
-
-    rng = random.Random()
-    tools = [{"type": "function", "function": {"name": "f", "parameters": random_schema(rng)}}]
-    with hr.load(tiny("kimi-k2-tiny", "Q4_K_M")[0], threads=1) as m:
-        tok = m.tokenizer
-        tok.chat_template += "<think>"
-        tok._template = tok._env.from_string(tok.chat_template)
-        for thinking in (True, False):
-            body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": "required",
-                    "max_tokens": 160, "temperature": 1.0, "seed": rng.randrange(1000),
-                    "chat_template_kwargs": {"thinking": thinking}}
-            req = parse_chat(body, tok, 2048)
-            out = Output(req, tok, "tiny")
-            for step in generate(m, tok, req.prompt, req.params, Sequence(m.new_cache()), constraint=req.constraint):
-                out.on_step(step)
-            msg = out.response(step.finish_reason, step.stats)["choices"][0]
-            assert msg["finish_reason"] == "tool_calls", (thinking, msg, req.params.max_tokens, req.constraint.plan)
-            jsonschema.validate(json.loads(msg["message"]["tool_calls"][0]["function"]["arguments"]), tools[0]["function"]["parameters"])
-            text = (msg["message"].get("reasoning_content") or "") + (msg["message"]["content"] or "")
-            # no marker leaks (a random model may well write a plain "<", as it did once in CI)
-            assert "<|" not in text and "<think>" not in text and "</think>" not in text
-            assert req.constraint is not None and (req.in_think is True)
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kw, param", [
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "nope"}}}), "response_format"),
+    (dict(tool_choice="required"), "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}}}}],
+          tool_choice="required"), "tools"),
+    (dict(response_format={"type": "json_object"}, max_tokens=1), "max_tokens"),
+])
+def test_bad_input_is_a_400_through_the_openai_client(client, structured_server, stream, kw, param):
+    """Item 6 as a client meets it: BadRequestError (400, OpenAI error body) before any stream starts,
+    streaming or not, and the server then answers a good constrained request."""
+    args = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=stream) | kw
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**args)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error" and e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=8, stream=stream, extra_body={"grammar": "start: <|nosuch|>"})
+    assert e.value.body["param"] == "grammar"
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)

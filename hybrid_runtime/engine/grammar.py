@@ -173,13 +173,19 @@ def closing_plan(matcher, closers: list[int]) -> list[int] | None:
     return plan
 
 
-def json_grammar(schema: dict | bool, think: bool = False) -> str:
-    """Lark text for one JSON document matching `schema`, after an optional <think>…</think> block."""
-    head = "start: think? json\nthink: <think> THINK_TEXT </think>\nTHINK_TEXT: /(?s:.*)/\n" if think else "start: json\n"
+def json_grammar(schema: dict | bool, think: bool | str = False) -> str:
+    """Lark text for one JSON document matching `schema`, after an optional <think>…</think> block
+    (`think=True`) or the rest of a block the prompt already opened (`think="open"`: text, </think>)."""
+    if think == "open":
+        head = "start: think json\nthink: THINK_TEXT? </think>\nTHINK_TEXT: /(?s:.+)/\n"
+    elif think:
+        head = "start: think? json\nthink: <think> THINK_TEXT </think>\nTHINK_TEXT: /(?s:.*)/\n"
+    else:
+        head = "start: json\n"
     return head + json_schema_rule(schema)
 
 
-def json_constraint(tokenizer, schema: dict | bool = True, think: bool = False):
+def json_constraint(tokenizer, schema: dict | bool = True, think: bool | str = False):
     """A factory of fresh constraints for JSON documents matching `schema` (True: any object)."""
     if schema is True:
         schema = {"type": "object"}
@@ -201,10 +207,11 @@ def schema_from_file(path) -> dict:
     return schema
 
 
-def fitted_json_constraint(tokenizer, schema: dict | bool, max_tokens: int):
-    """A fresh JSON constraint (with K2-Thinking's optional <think> block when the template has one);
+def fitted_json_constraint(tokenizer, schema: dict | bool, max_tokens: int, opened: bool = False):
+    """A fresh JSON constraint (with K2-Thinking's optional <think> block when the template has one;
+    `opened`: the prompt already opened it, as K2.5's does, so the reply ends it first);
     raises GrammarError when the shortest valid document needs more than `max_tokens`."""
-    think = "<think>" in tokenizer.chat_template
+    think = "open" if opened else "<think>" in tokenizer.chat_template
     constraint = json_constraint(tokenizer, schema, think)()
     need = constraint.min_tokens()
     if need is not None and need > max_tokens:

@@ -5,7 +5,9 @@ constraint per request (engine/grammar.py), or None for free text.
     completions: start: json               (response_format)   or the request's own Lark `grammar`
 
 `think` is K2-Thinking's <think>…</think> block, present when the chat template writes one and
-`chat_template_kwargs.thinking` is not false (required first when the prompt already opened it).
+`chat_template_kwargs.thinking` is not false on a template that reads it (K2.5); required first
+when the prompt already opened it. With thinking off, free text is constrained to TEXT, so the model
+cannot open a <think> block of its own either.
 TEXT is plain text: no special token, so no tool-call marker can appear in content.
 """
 
@@ -38,10 +40,15 @@ def response_schema(body: dict) -> dict | None:
 
 
 def thinking_enabled(body: dict, tokenizer) -> bool:
+    """Whether the reply may hold a <think> block: the template writes them, and the request did not
+    turn reasoning off with chat_template_kwargs {"thinking": false} on a template that reads that
+    variable (K2.5). A template that does not read it ignores it (no error), as the template does."""
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ParamError("chat_template_kwargs must be an object", "chat_template_kwargs")
-    return "<think>" in tokenizer.chat_template and kwargs.get("thinking", True) is not False
+    if "<think>" not in tokenizer.chat_template:
+        return False
+    return not (kwargs.get("thinking") is False and "thinking" in getattr(tokenizer, "template_vars", ()))
 
 
 def _think_rules(mode: str | None) -> tuple[str, str]:

@@ -176,9 +176,13 @@ def parse_chat(body: dict, tokenizer, n_ctx: int) -> GenRequest:
 
 def _template_kwargs(body: dict) -> dict:
     """`chat_template_kwargs` (e.g. {"thinking": false}) as extra template variables."""
-    kw = body.get("chat_template_kwargs") or {}
+    kw = body.get("chat_template_kwargs")
+    if kw is None:
+        return {}
     if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
         raise ParamError("chat_template_kwargs must be an object", "chat_template_kwargs")
+    if kw.get("thinking") is not None and not isinstance(kw["thinking"], bool):
+        raise ParamError("chat_template_kwargs.thinking must be true or false", "chat_template_kwargs")
     return kw
 
 

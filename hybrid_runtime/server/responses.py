@@ -65,8 +65,9 @@ class Output:
 
     def final_chunks(self, finish: str, stats: Stats | None) -> list[dict]:
         out = self._chat_chunks(self.parser.finish()) if self.chat else []
-        if not self.chat and self._lp_pending:
-            out.append(self._text_chunk(""))
+        if self._lp_pending and self.req.logprobs:  # tokens that released no text (a marker, a held tail)
+            out.append(self._chunk(self._choice({"content": ""}, logprobs=self._take_logprobs())) if self.chat
+                       else self._text_chunk(""))
         out.append(self._chunk(self._choice({} if self.chat else "", self.finish_reason(finish))))
         if self.req.include_usage:
             out.append({**self._chunk(None), "usage": usage(stats)})

@@ -35,7 +35,7 @@ FTYPES: dict[str, int] = {
 
 def make_tiny_model(preset: str | Preset, quant: str, out: str | os.PathLike, seed: int = 0,
                     f32_twin: str | os.PathLike | None = None, kv_layout: str | None = None,
-                    tied_output: bool = False, thinking: bool = False,
+                    tied_output: bool = False, thinking: bool | str = False,
                     gating_key: bool = True) -> Path:
     """Write a random deepseek2 GGUF at `quant` (e.g. "Q4_K_M") to `out` and return its path.
 
@@ -76,7 +76,7 @@ def _check_args(quant: str, kv_layout: str) -> None:
 
 
 def write_float_model(path: Path, p: Preset, specs: list[TensorSpec], kv_layout: str,
-                      seed: int, thinking: bool) -> None:
+                      seed: int, thinking: bool | str) -> None:
     """Write the random F32 model (every tensor drawn independently from `seed` and its name)."""
     by_name = {s.name: s for s in specs}
     plan = [PlannedTensor(s.name, s.shape, F32) for s in specs]

@@ -35,7 +35,7 @@ class PlannedTensor:
 
 
 def add_model_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, file_type: int,
-                       thinking: bool = False) -> None:
+                       thinking: bool | str = False) -> None:
     """All deepseek2.* / general.* / tokenizer.* keys of a synthetic model."""
     w.add_name(f"synthetic {p.name}")
     w.add_file_type(file_type)
