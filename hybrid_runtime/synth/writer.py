@@ -35,8 +35,9 @@ class PlannedTensor:
 
 
 def add_model_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, file_type: int,
-                       thinking: bool = False) -> None:
-    """All deepseek2.* / general.* / tokenizer.* keys of a synthetic model."""
+                       thinking: bool = False, tokenizer: Callable[[], None] | None = None) -> None:
+    """All deepseek2.* / general.* / tokenizer.* keys of a synthetic model (`tokenizer` writes the
+    tokenizer.* keys instead of the synthetic vocabulary)."""
     w.add_name(f"synthetic {p.name}")
     w.add_file_type(file_type)
     w.add_context_length(p.context_length)
@@ -55,7 +56,10 @@ def add_model_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, file_type:
     _add_head_dims(w, p, kv_layout)
     _add_moe_keys(w, p)
     _add_yarn_keys(w, p)
-    add_tokenizer(w, kimi_k2_template(thinking), p.vocab)
+    if tokenizer is None:
+        add_tokenizer(w, kimi_k2_template(thinking), p.vocab)
+    else:
+        tokenizer()
 
 
 def _add_head_dims(w: gguf.GGUFWriter, p: Preset, kv_layout: str) -> None:
