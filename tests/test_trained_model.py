@@ -49,7 +49,7 @@ def _hf_model():
 
 
 @pytest.mark.parametrize("kv_layout,compute,compiled", [("split", "reference", False), ("split", "fast", False),
-                                                        ("combined", "reference", False)])
+                                                        ("split", "fast", True), ("combined", "reference", False)])
 def test_f32_paths_match_transformers(trained, held_out_text, kv_layout, compute, compiled):
     import torch
 
@@ -62,7 +62,7 @@ def test_f32_paths_match_transformers(trained, held_out_text, kv_layout, compute
         theirs = _hf_model()(input_ids=torch.tensor([window])).logits[0].numpy()
     err = rel_l2(ours.logits(window), theirs)
     print(f"{kv_layout} {compute}: rel L2 vs transformers {err:.2e}")
-    assert err <= 2e-5
+    assert err <= 1e-5
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -80,4 +80,5 @@ def test_default_path_perplexity_matches_llama_cpp(trained, held_out_text, quant
           f"top-1 {agree.top1:.4f}, KLD {agree.mean:.2e}")
     assert abs(p_ours.ppl / p_theirs.ppl - 1) <= 0.005
     assert agree.top1 >= 0.99
-    assert p_ours.ppl < 60                                   # it has learned Python: a random model is ~4,000
+    if quant == "Q4_K_M":                                    # the demo file: it has learned Python
+        assert p_ours.bits_per_byte <= 2.5                   # (a random model: ~8)
