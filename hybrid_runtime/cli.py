@@ -359,11 +359,11 @@ def _print_perplexity(r: dict, kl_base: Optional[Path]) -> None:
         if "kld_mean" in d:
             line += (f"; KLD vs {kl_base.name}: mean {d['kld_mean']:.6f} ± {d['kld_stderr']:.6f}, "
                      f"p99 {d['kld_p99']:.6f}, max {d['kld_max']:.4f}; top-1 agreement {100 * d['top1_agreement']:.2f} %")
-        console.print(line)
+        console.print(line, soft_wrap=True)
     if "ours_vs_llama_cpp" in r:
         d, ratio = r["ours_vs_llama_cpp"], o["perplexity"] / r["llama_cpp"]["perplexity"] - 1
         console.print(f"ours vs llama.cpp: perplexity {100 * ratio:+.3f} %, KLD mean {d['kld_mean']:.6f}, "
-                      f"p99 {d['kld_p99']:.6f}, top-1 agreement {100 * d['top1_agreement']:.2f} %")
+                      f"p99 {d['kld_p99']:.6f}, top-1 agreement {100 * d['top1_agreement']:.2f} %", soft_wrap=True)
 
 
 @bench_app.command("kernels")

@@ -2,9 +2,13 @@
 
 - transformers' DeepseekV3 forward pass on the checked-in checkpoint: our F32 paths on the F32
   export, both attention layouts, to ~1e-5 relative L2;
-- llama.cpp on the same quantized files: perplexity of our default path within 0.5 % of llama.cpp's
-  over Python source that is in no training corpus (this project's own code), top-1 >= 99 %.
-A trained network is not chaotic the way a random one is, so these bounds are tight.
+- llama.cpp on the same quantized files, over Python source that is in no training corpus (this
+  project's own code): our default path's perplexity within 0.5 % of llama.cpp's, its KL-divergence
+  to the F32 model no worse than llama.cpp's (10 % slack for four windows), top-1 agreement with
+  llama.cpp >= 97 %. A trained network is not chaotic the way a random one is, so these bounds
+  are tight. (Top-1 stays below the 99 % first hoped for: this small model has many near-tied
+  next tokens, and llama.cpp agrees with itself between ubatch 512 and 1 on only ~99.3 % of them
+  on Q4_K_M; measured here 97.9-99.2 % per quant, the KL-divergence bound is the sharp one.)
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from hybrid_runtime.oracle import llama_cpp_scorer, rel_l2
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "Q4_0", "Q5_1", "F16", "BF16"]
-N_CTX, WINDOWS = 256, 4
+N_CTX, WINDOWS = 512, 4
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,8 @@ def trained(tiny):
 
 @pytest.fixture(scope="module")
 def held_out_text() -> str:
-    """Python that no training corpus holds: a few of this project's own modules."""
-    return "".join((ROOT / "hybrid_runtime" / f).read_text() for f in ("perplexity.py", "oracle.py", "engine/sampling.py"))
+    """Python that no training corpus holds: this project's own top-level modules."""
+    return "".join(p.read_text() for p in sorted((ROOT / "hybrid_runtime").glob("*.py")))
 
 
 def _hf_model():
@@ -65,20 +69,29 @@ def test_f32_paths_match_transformers(trained, held_out_text, kv_layout, compute
     assert err <= 1e-5
 
 
-@pytest.mark.parametrize("quant", QUANTS)
-def test_default_path_perplexity_matches_llama_cpp(trained, held_out_text, quant):
-    path = trained(quant)[0]
-    model = hr.load(path, n_ctx=N_CTX, threads=2)
+@pytest.fixture(scope="module")
+def f32_base(trained, held_out_text):
+    model = hr.load(trained("F32")[0], compute="reference", n_ctx=N_CTX, threads=2)
     windows = px.make_windows(model.tokenize(held_out_text), N_CTX, WINDOWS)
+    return windows, px.scored_log_probs(model.logits, windows)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_default_path_perplexity_matches_llama_cpp(trained, f32_base, quant):
+    path = trained(quant)[0]
+    windows, base = f32_base
+    model = hr.load(path, n_ctx=N_CTX, threads=2)
     ours = px.scored_log_probs(model.logits, windows)
     with llama_cpp_scorer(path, N_CTX, threads=2, yarn_betas=model.yarn_betas) as score:
         theirs = px.scored_log_probs(score, windows)
     p_ours = px.perplexity(ours, windows, model.tokenizer.token_bytes)
     p_theirs = px.perplexity(theirs, windows, model.tokenizer.token_bytes)
     agree = px.kl_divergence(theirs, ours)
+    kld_ours, kld_theirs = px.kl_divergence(base, ours).mean, px.kl_divergence(base, theirs).mean
     print(f"{quant}: ppl ours {p_ours.ppl:.4f}, llama.cpp {p_theirs.ppl:.4f}, bpb {p_ours.bits_per_byte:.3f}, "
-          f"top-1 {agree.top1:.4f}, KLD {agree.mean:.2e}")
+          f"top-1 {agree.top1:.4f}; KLD to F32 ours {kld_ours:.2e}, llama.cpp {kld_theirs:.2e}")
     assert abs(p_ours.ppl / p_theirs.ppl - 1) <= 0.005
-    assert agree.top1 >= 0.99
+    assert kld_ours <= 1.1 * kld_theirs + 1e-5
+    assert agree.top1 >= 0.97
     if quant == "Q4_K_M":                                    # the demo file: it has learned Python
         assert p_ours.bits_per_byte <= 2.5                   # (a random model: ~8)
