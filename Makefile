@@ -27,7 +27,8 @@ $(DEMO): $(STAMP) scripts/make_tiny_model.py $(CHECKPOINT)
 
 demo: $(DEMO)
 	$(BIN)/hybrid-runtime inspect $(DEMO)
-	$(BIN)/hybrid-runtime generate $(DEMO) -p "def parse_header(line):" -n 64 --temp 0.6 --top-k 40 --seed 1 --threads $(THREADS)
+	$(BIN)/hybrid-runtime generate $(DEMO) -p "$$(printf 'def parse_header(line):\n    """Split a header line into its name and value."""')" \
+		-n 64 --temp 0.5 --top-k 40 --seed 2 --threads $(THREADS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
