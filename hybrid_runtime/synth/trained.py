@@ -127,7 +127,8 @@ def write_trained_gguf(out: Path, kv_layout: str = "split", asset_dir: Path = AS
 
 
 def write_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, vocab: Vocab, file_type: int = 0) -> None:
-    add_model_metadata(w, p, kv_layout, file_type, tokenizer=lambda: add_tokenizer(w, kimi_k2_template(), p.vocab, vocab))
+    add_model_metadata(w, p, kv_layout, file_type, tokenizer=lambda: add_tokenizer(w, kimi_k2_template(), p.vocab, vocab),
+                       name=f"{p.name} (trained on the Python standard library)")
 
 
 def make_trained_model(quant: str, out: str | os.PathLike, kv_layout: str = "split",

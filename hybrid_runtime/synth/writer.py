@@ -35,10 +35,11 @@ class PlannedTensor:
 
 
 def add_model_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, file_type: int,
-                       thinking: bool = False, tokenizer: Callable[[], None] | None = None) -> None:
+                       thinking: bool = False, tokenizer: Callable[[], None] | None = None,
+                       name: str | None = None) -> None:
     """All deepseek2.* / general.* / tokenizer.* keys of a synthetic model (`tokenizer` writes the
     tokenizer.* keys instead of the synthetic vocabulary)."""
-    w.add_name(f"synthetic {p.name}")
+    w.add_name(name or f"synthetic {p.name}")
     w.add_file_type(file_type)
     w.add_context_length(p.context_length)
     w.add_embedding_length(p.hidden)
