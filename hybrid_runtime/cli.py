@@ -1,4 +1,4 @@
-"""`hybrid-runtime`: generate, inspect, verify, bench, chat, serve, numa-tune."""
+"""`hybrid-runtime`: generate, inspect, verify, perplexity, bench, chat, serve, numa-tune."""
 
 from __future__ import annotations
 
@@ -295,6 +295,77 @@ def verify(
     ok = r["top1"] >= 0.9 and r["rel_l2"] <= max(1e-3, 2 * r["llama_cpp_self_rel_l2"])
     console.print("[green]agreement OK[/green]" if ok else "[red]DISAGREEMENT: please report this file[/red]")
     raise typer.Exit(0 if ok else 2)
+
+
+@app.command()
+@user_errors
+def perplexity(
+    model: Path = ModelArg,
+    file: Path = typer.Option(..., "--file", "-f", help="text file to score (UTF-8)"),
+    n_ctx: int = typer.Option(512, "--n-ctx", "-c", help="window length; the second half of each window is scored"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="score at most this many windows"),
+    save_logits: Optional[Path] = typer.Option(None, "--save-logits", help="save the scored log-probabilities (a base for --kl-divergence)"),
+    kl_base: Optional[Path] = typer.Option(None, "--kl-divergence", help="KL-divergence against logits saved by --save-logits"),
+    compare: bool = typer.Option(False, "--compare-llama-cpp", help="also score the same windows with llama.cpp on the same file"),
+    threads: Optional[int] = ThreadsOpt,
+    compute: str = ComputeOpt,
+    compiled: bool = typer.Option(True, "--compiled/--no-compiled", help="the compiled CPU step where it applies (default) or the torch model"),
+    as_json: bool = JsonOpt,
+):
+    """Perplexity and bits per byte over a text, KL-divergence against saved logits (as llama-perplexity)."""
+    from hybrid_runtime import perplexity as px
+
+    text = file.read_text(encoding="utf-8", errors="replace")
+    if kl_base is not None and not kl_base.is_file():
+        raise InvalidRequestError(f"{kl_base}: no such logits file")
+    m = _load(model, compute, threads, n_ctx=n_ctx, compiled=compiled)
+    windows = px.make_windows(m.tokenize(text), n_ctx, chunks)
+    base = px.load_log_probs(kl_base, windows, m.n_vocab) if kl_base is not None else None
+    ours = _scored(px, m.logits, windows, "ours")
+    r = {"model": str(model), "file": str(file), "n_ctx": n_ctx, "ours": px.perplexity(ours, windows, m.tokenizer.token_bytes).as_dict()}
+    if base is not None:
+        r["ours"].update(px.kl_divergence(base, ours).as_dict())
+    if save_logits is not None:
+        px.save_log_probs(save_logits, ours, windows)
+    if compare:
+        from hybrid_runtime.oracle import llama_cpp_scorer
+
+        with llama_cpp_scorer(model, n_ctx, threads, m.yarn_betas) as score:
+            theirs = _scored(px, score, windows, "llama.cpp")
+        r["llama_cpp"] = px.perplexity(theirs, windows, m.tokenizer.token_bytes).as_dict()
+        if base is not None:
+            r["llama_cpp"].update(px.kl_divergence(base, theirs).as_dict())
+        r["ours_vs_llama_cpp"] = px.kl_divergence(theirs, ours).as_dict()
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    _print_perplexity(r, kl_base)
+
+
+def _scored(px, scorer, windows, who: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"{who}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(who, total=windows.n_windows)
+        return px.scored_log_probs(scorer, windows, progress=lambda: bar.advance(task))
+
+
+def _print_perplexity(r: dict, kl_base: Optional[Path]) -> None:
+    o = r["ours"]
+    console.print(f"{o['windows']} windows of {r['n_ctx']} tokens, {o['scored_tokens']} tokens scored ({o['bytes']} bytes)")
+    for who, d in (("ours", o), ("llama.cpp", r.get("llama_cpp"))):
+        if d is None:
+            continue
+        line = f"{who}: perplexity {d['perplexity']:.4f} ± {d['perplexity_stderr']:.4f}, {d['bits_per_byte']:.4f} bits per byte"
+        if "kld_mean" in d:
+            line += (f"; KLD vs {kl_base.name}: mean {d['kld_mean']:.6f} ± {d['kld_stderr']:.6f}, "
+                     f"p99 {d['kld_p99']:.6f}, max {d['kld_max']:.4f}; top-1 agreement {100 * d['top1_agreement']:.2f} %")
+        console.print(line, soft_wrap=True)
+    if "ours_vs_llama_cpp" in r:
+        d, ratio = r["ours_vs_llama_cpp"], o["perplexity"] / r["llama_cpp"]["perplexity"] - 1
+        console.print(f"ours vs llama.cpp: perplexity {100 * ratio:+.3f} %, KLD mean {d['kld_mean']:.6f}, "
+                      f"p99 {d['kld_p99']:.6f}, top-1 agreement {100 * d['top1_agreement']:.2f} %", soft_wrap=True)
 
 
 @bench_app.command("kernels")

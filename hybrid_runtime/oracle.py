@@ -97,3 +97,22 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.argmax(a, -1) == np.argmax(b, -1)))
+
+
+@contextmanager
+def llama_cpp_scorer(path: str | Path, n_ctx: int, threads: int | None = None,
+                     yarn_betas: tuple[float, float] = (32.0, 1.0), f32_kv: bool = True):
+    """One llama.cpp context for many windows: yields score(tokens) -> logits float32 [n, vocab],
+    each window from an empty cache."""
+    llm = open_llama(path, n_ctx=n_ctx, threads=threads, yarn_betas=yarn_betas, f32_kv=f32_kv)
+
+    def score(tokens: list[int]) -> np.ndarray:
+        llm.reset()                                  # eval() drops the cache past n_tokens
+        with quiet_stderr():
+            llm.eval(list(tokens))
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+    try:
+        yield score
+    finally:
+        llm.close()

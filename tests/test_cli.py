@@ -149,7 +149,7 @@ def test_garbage_profile_is_rejected(model, tmp_path):
 
 COMMANDS_ON_A_FILE = {
     "inspect": [], "generate": ["-p", "hi", "-n", "1"], "chat": ["--single-turn", "hi"], "serve": ["--port", "0"],
-    "verify": [], "bench decode": ["--n-gen", "1"], "numa-tune": ["--dry-run"],
+    "verify": [], "bench decode": ["--n-gen", "1"], "numa-tune": ["--dry-run"], "perplexity": ["--file", __file__],
 }
 
 
@@ -176,7 +176,8 @@ def test_every_command_on_a_corrupt_file_is_one_line(model, tmp_path, command):
                                   ["chat", "MODEL", "--temp", "hot"], ["serve", "MODEL", "--port", "70000"],
                                   ["verify", "MODEL", "--bogus"], ["bench", "decode", "MODEL", "--threads", "x"],
                                   ["inspect", "MODEL", "--n-cpu-moe", "-3", "--gpu-mem", "1GiB"],
-                                  ["generate", "MODEL", "-p", "hi", "--top-p", "7"]])
+                                  ["generate", "MODEL", "-p", "hi", "--top-p", "7"],
+                                  ["perplexity", "MODEL", "--file", __file__, "--n-ctx", "x"]])
 def test_every_command_with_a_bad_flag_is_one_line(model, args):
     r = run(*[model if a == "MODEL" else a for a in args], timeout=120)
     assert r.returncode != 0

@@ -125,15 +125,25 @@ def build_vocab(size: int = VOCAB_SIZE) -> Vocab:
     """The synthetic vocabulary: bytes, learned merges, [PAD] fill up to `size`, then the special tokens."""
     if size < VOCAB_SIZE:
         raise ValueError(f"the synthetic vocabulary needs at least {VOCAB_SIZE} tokens, not {size}")
+    return vocab_from_merges(learn_merges(training_text(), VOCAB_SIZE - 256 - len(SPECIAL_TOKENS)), size)
+
+
+def learn_vocab(text: str, size: int) -> Vocab:
+    """A vocabulary of exactly `size` tokens whose merges are learned from `text`."""
+    return vocab_from_merges(learn_merges(text, size - 256 - len(SPECIAL_TOKENS)), size)
+
+
+def vocab_from_merges(merges: list[tuple[str, str]], size: int) -> Vocab:
+    """Bytes, the merged tokens in merge order, [PAD] fill up to `size`, then the special tokens."""
     tokens = [byte_to_unicode()[b] for b in range(256)]
-    n_learned = VOCAB_SIZE - 256 - len(SPECIAL_TOKENS)
-    merges = learn_merges(training_text(), n_learned)
     seen = set(tokens)
     for a, b in merges:
         if a + b not in seen:
             tokens.append(a + b)
             seen.add(a + b)
     types = [gguf.TokenType.NORMAL] * len(tokens)
+    if len(tokens) > size - len(SPECIAL_TOKENS):
+        raise ValueError(f"{len(merges)} merges do not fit a vocabulary of {size} tokens")
     while len(tokens) < size - len(SPECIAL_TOKENS):
         tokens.append(f"[PAD{len(tokens)}]")
         types.append(gguf.TokenType.UNUSED)
@@ -142,9 +152,10 @@ def build_vocab(size: int = VOCAB_SIZE) -> Vocab:
     return Vocab(tuple(tokens), tuple(int(t) for t in types), tuple(f"{a} {b}" for a, b in merges))
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, chat_template: str | None, size: int = VOCAB_SIZE) -> None:
-    """Write the tokenizer.ggml.* keys (and the chat template) of the synthetic vocabulary."""
-    v = build_vocab(size)
+def add_tokenizer(writer: gguf.GGUFWriter, chat_template: str | None, size: int = VOCAB_SIZE,
+                  vocab: Vocab | None = None) -> None:
+    """Write the tokenizer.ggml.* keys (and the chat template): `vocab`, or the synthetic vocabulary."""
+    v = vocab or build_vocab(size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("kimi-k2")
     writer.add_token_list(list(v.tokens))

@@ -35,9 +35,11 @@ class PlannedTensor:
 
 
 def add_model_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, file_type: int,
-                       thinking: bool | str = False) -> None:
-    """All deepseek2.* / general.* / tokenizer.* keys of a synthetic model."""
-    w.add_name(f"synthetic {p.name}")
+                       thinking: bool | str = False, tokenizer: Callable[[], None] | None = None,
+                       name: str | None = None) -> None:
+    """All deepseek2.* / general.* / tokenizer.* keys of a synthetic model (`tokenizer` writes the
+    tokenizer.* keys instead of the synthetic vocabulary)."""
+    w.add_name(name or f"synthetic {p.name}")
     w.add_file_type(file_type)
     w.add_context_length(p.context_length)
     w.add_embedding_length(p.hidden)
@@ -55,7 +57,10 @@ def add_model_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, file_type:
     _add_head_dims(w, p, kv_layout)
     _add_moe_keys(w, p)
     _add_yarn_keys(w, p)
-    add_tokenizer(w, kimi_k2_template(thinking), p.vocab)
+    if tokenizer is None:
+        add_tokenizer(w, kimi_k2_template(thinking), p.vocab)
+    else:
+        tokenizer()
 
 
 def _add_head_dims(w: gguf.GGUFWriter, p: Preset, kv_layout: str) -> None:

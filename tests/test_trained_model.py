@@ -1,0 +1,97 @@
+"""The trained Kimi K2-layout model (assets/kimi-k2-stdlib) against two independent oracles.
+
+- transformers' DeepseekV3 forward pass on the checked-in checkpoint: our F32 paths on the F32
+  export, both attention layouts, to ~1e-5 relative L2;
+- llama.cpp on the same quantized files, over Python source that is in no training corpus (this
+  project's own code): our default path's perplexity within 0.5 % of llama.cpp's, its KL-divergence
+  to the F32 model no worse than llama.cpp's (10 % slack for four windows), top-1 agreement with
+  llama.cpp >= 97 %. A trained network is not chaotic the way a random one is, so these bounds
+  are tight. (Top-1 stays below the 99 % first hoped for: this small model has many near-tied
+  next tokens, and llama.cpp agrees with itself between ubatch 512 and 1 on only ~99.3 % of them
+  on Q4_K_M; measured here 97.9-99.2 % per quant, the KL-divergence bound is the sharp one.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hybrid_runtime as hr
+from hybrid_runtime import perplexity as px
+from hybrid_runtime.oracle import llama_cpp_scorer, rel_l2
+
+ROOT = Path(__file__).resolve().parent.parent
+QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "Q4_0", "Q5_1", "F16", "BF16"]
+N_CTX, WINDOWS = 512, 4
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    def build(quant: str, kv_layout: str = "split"):
+        return tiny("kimi-k2-stdlib", quant, kv_layout=kv_layout)
+    return build
+
+
+@pytest.fixture(scope="module")
+def held_out_text() -> str:
+    """Python that no training corpus holds: this project's own top-level modules."""
+    return "".join(p.read_text() for p in sorted((ROOT / "hybrid_runtime").glob("*.py")))
+
+
+def _hf_model():
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from hybrid_runtime.synth.trained import hf_config, load_checkpoint
+
+    state, vocab, preset = load_checkpoint()
+    model = transformers.DeepseekV3ForCausalLM(hf_config(preset, vocab)).eval()
+    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in state.items()}, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("kv_layout,compute,compiled", [("split", "reference", False), ("split", "fast", False),
+                                                        ("split", "fast", True), ("combined", "reference", False)])
+def test_f32_paths_match_transformers(trained, held_out_text, kv_layout, compute, compiled):
+    import torch
+
+    f32 = trained("F32", kv_layout)[0]
+    ours = hr.load(f32, compute=compute, compiled=compiled, threads=2)
+    ids = ours.tokenize(held_out_text)
+    start = int(np.random.default_rng().integers(0, len(ids) - 200))
+    window = ids[start: start + 200]                       # a fresh slice each run
+    with torch.no_grad():
+        theirs = _hf_model()(input_ids=torch.tensor([window])).logits[0].numpy()
+    err = rel_l2(ours.logits(window), theirs)
+    print(f"{kv_layout} {compute}: rel L2 vs transformers {err:.2e}")
+    assert err <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def f32_base(trained, held_out_text):
+    model = hr.load(trained("F32")[0], compute="reference", n_ctx=N_CTX, threads=2)
+    windows = px.make_windows(model.tokenize(held_out_text), N_CTX, WINDOWS)
+    return windows, px.scored_log_probs(model.logits, windows)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_default_path_perplexity_matches_llama_cpp(trained, f32_base, quant):
+    path = trained(quant)[0]
+    windows, base = f32_base
+    model = hr.load(path, n_ctx=N_CTX, threads=2)
+    ours = px.scored_log_probs(model.logits, windows)
+    with llama_cpp_scorer(path, N_CTX, threads=2, yarn_betas=model.yarn_betas) as score:
+        theirs = px.scored_log_probs(score, windows)
+    p_ours = px.perplexity(ours, windows, model.tokenizer.token_bytes)
+    p_theirs = px.perplexity(theirs, windows, model.tokenizer.token_bytes)
+    agree = px.kl_divergence(theirs, ours)
+    kld_ours, kld_theirs = px.kl_divergence(base, ours).mean, px.kl_divergence(base, theirs).mean
+    print(f"{quant}: ppl ours {p_ours.ppl:.4f}, llama.cpp {p_theirs.ppl:.4f}, bpb {p_ours.bits_per_byte:.3f}, "
+          f"top-1 {agree.top1:.4f}; KLD to F32 ours {kld_ours:.2e}, llama.cpp {kld_theirs:.2e}")
+    assert abs(p_ours.ppl / p_theirs.ppl - 1) <= 0.005
+    assert kld_ours <= 1.1 * kld_theirs + 1e-5
+    assert agree.top1 >= 0.97
+    if quant == "Q4_K_M":                                    # the demo file: it has learned Python
+        assert p_ours.bits_per_byte <= 2.5                   # (a random model: ~8)
