@@ -93,3 +93,14 @@ def test_any_integer_seed_is_a_valid_repeatable_seed(seed):
     a = make_sampler(SamplingParams(temperature=1.0, seed=seed))
     b = make_sampler(SamplingParams(temperature=1.0, seed=seed))
     assert [a(logits, []) for _ in range(20)] == [b(logits, []) for _ in range(20)]
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 5e-324, 1e-7])
+def test_tiny_temperatures_sample_the_best_token_without_nan(temperature):
+    """A temperature this small must act as greedy: dividing the logits by 1e-308 overflows."""
+    rng = np.random.default_rng()
+    logits = rng.standard_normal(500).astype(np.float32) * 5
+    best = int(np.argmax(logits))
+    sample = make_sampler(SamplingParams(temperature=temperature, top_p=0.9, min_p=0.05, seed=int(rng.integers(1 << 30))))
+    assert all(sample(logits, []) == best for _ in range(5))
+    assert not np.isnan(filter_logits(logits, SamplingParams(temperature=temperature))).any()

@@ -60,9 +60,13 @@ def apply_penalties(logits: np.ndarray, history: list[int], p: SamplingParams) -
     return out
 
 
+# Below this temperature sampling is greedy (dividing by 1e-308 would overflow to inf - inf = NaN).
+MIN_TEMPERATURE = 1e-6
+
+
 def filter_logits(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
     """Temperature, then top-k, top-p and min-p as masks (-inf) on the scaled logits."""
-    x = logits.astype(np.float64) / p.temperature
+    x = logits.astype(np.float64) / max(p.temperature, MIN_TEMPERATURE)
     if p.top_k and p.top_k < x.shape[0]:
         kth = np.partition(x, -p.top_k)[-p.top_k]
         x = np.where(x < kth, -np.inf, x)
@@ -83,7 +87,7 @@ def make_sampler(p: SamplingParams) -> Sampler:
 
     def sample(logits: np.ndarray, history: list[int]) -> int:
         logits = apply_penalties(logits, history, p)
-        if p.temperature == 0:
+        if p.temperature < MIN_TEMPERATURE:
             return int(np.argmax(logits))
         x = filter_logits(logits, p)
         probs = np.exp(x - x.max())
