@@ -92,6 +92,7 @@ ComputeOpt = typer.Option("fast", "--compute", help="fast (quantized CPU experts
 CompareOpt = typer.Option(False, "--compare-llama-cpp", help="also run llama.cpp on the same file and threads")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
 PlotOpt = typer.Option(None, "--plot", help="write a roofline PNG (time per layer vs bytes/bandwidth)")
+PrefillPrecisionOpt = typer.Option("exact", "--prefill-precision", help="long prefill chunks: exact (float32, llama.cpp's activation rounding) or bf16 (faster)")
 NumaOpt = typer.Option(None, "--numa-config", help="config written by numa-tune")
 
 
@@ -310,6 +311,7 @@ def perplexity(
     threads: Optional[int] = ThreadsOpt,
     compute: str = ComputeOpt,
     compiled: bool = typer.Option(True, "--compiled/--no-compiled", help="the compiled CPU step where it applies (default) or the torch model"),
+    prefill_precision: str = PrefillPrecisionOpt,
     as_json: bool = JsonOpt,
 ):
     """Perplexity and bits per byte over a text, KL-divergence against saved logits (as llama-perplexity)."""
@@ -318,7 +320,7 @@ def perplexity(
     text = file.read_text(encoding="utf-8", errors="replace")
     if kl_base is not None and not kl_base.is_file():
         raise InvalidRequestError(f"{kl_base}: no such logits file")
-    m = _load(model, compute, threads, n_ctx=n_ctx, compiled=compiled)
+    m = _load(model, compute, threads, n_ctx=n_ctx, compiled=compiled, prefill_precision=prefill_precision)
     windows = px.make_windows(m.tokenize(text), n_ctx, chunks)
     base = px.load_log_probs(kl_base, windows, m.n_vocab) if kl_base is not None else None
     ours = _scored(px, m.logits, windows, "ours")
@@ -390,12 +392,13 @@ def bench_kernels_cmd(
     console.print(moe)
 
 
-def _bench_model(model, threads, compare, as_json, plot, what, n_prompt, n_gen, decode_prompt, numa_config):
+def _bench_model(model, threads, compare, as_json, plot, what, n_prompt, n_gen, decode_prompt, numa_config,
+                 **load_opts):
     from hybrid_runtime.bench.e2e import bench_model
 
     threads = threads or _usable_cores()
     r = bench_model(model, threads, n_prompt=n_prompt, n_gen=n_gen, decode_prompt=decode_prompt,
-                    compare=compare, what=what, numa_config=numa_config)
+                    compare=compare, what=what, numa_config=numa_config, **load_opts)
     if plot is not None:
         from hybrid_runtime.bench.roofline import plot_roofline
 
@@ -437,9 +440,10 @@ def bench_decode_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt
 @user_errors
 def bench_prefill_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, compare: bool = CompareOpt,
                       as_json: bool = JsonOpt, n_prompt: int = typer.Option(512, "--n-prompt"),
-                      numa_config: Optional[str] = NumaOpt):
+                      numa_config: Optional[str] = NumaOpt, prefill_precision: str = PrefillPrecisionOpt):
     """Prefill tokens/s of an n-token prompt on MODEL, optionally against llama.cpp."""
-    _bench_model(model, threads, compare, as_json, None, ("prefill",), n_prompt, 0, 0, numa_config)
+    _bench_model(model, threads, compare, as_json, None, ("prefill",), n_prompt, 0, 0, numa_config,
+                 prefill_precision=prefill_precision)
 
 
 @bench_app.command("sweep")

@@ -123,8 +123,13 @@ class RuntimeOptions:
     progress: bool = False  # progress bars while loading (the CLI turns them on)
     cpu_kernels: bool = True  # False: quantized matmuls as float emulation of the same rounding (slow)
     compiled: bool = True  # the compiled CPU step (cpu/step.py) where it applies; False: the torch model
+    # long prefill chunks (>= 96 tokens): "exact" = the non-expert matrices in float32 with llama.cpp's
+    # activation rounding; "bf16" = weights and activations in bf16 (faster; see benchmarks.md fidelity)
+    prefill_precision: str = "exact"
 
     def validate(self) -> "RuntimeOptions":
+        if self.prefill_precision not in ("exact", "bf16"):
+            raise InvalidRequestError(f"prefill_precision must be 'exact' or 'bf16', not {self.prefill_precision!r}")
         if self.compute not in ("fast", "reference"):
             raise InvalidRequestError(f"compute must be 'fast' or 'reference', not {self.compute!r}")
         if self.threads is not None and self.threads < 1:

@@ -69,7 +69,7 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, sto
             return CpuQuantExperts(*refs, layer=layer, numa=numa)
         return FloatExperts(*refs, round_act=True)  # types without a kernel (Q4_0, Q5_0, F16, ...)
 
-    weights = RoundedWeights(gf, experts)
+    weights = RoundedWeights(gf, experts, bf16_prefill=opts.prefill_precision == "bf16")
     weights.numa = numa  # for the memory report after load
     return weights
 

@@ -8,7 +8,8 @@ the reference path on the F32 file; for every quant: perplexity, bits per byte a
 to that base of our reference path (`compute="reference"`, exact dequantized weights), our default
 path (the compiled CPU step for small chunks, llama.cpp's activation rounding; windows of n_ctx >= 96
 tokens prefill through the torch model, where expert groups of >= 96 tokens run in bf16), the
-integer kernels throughout (`prefill_chunk=64`, as decode runs) and llama.cpp on the same file; and
+integer kernels throughout (`prefill_chunk=64`, as decode runs), bf16 prefill
+(`prefill_precision="bf16"`: the non-expert matrices of long chunks in bf16 too) and llama.cpp on the same file; and
 each path's top-1 agreement with llama.cpp.
 Prints a Markdown table (and `--json FILE` writes the figures).
 """
@@ -29,7 +30,8 @@ from hybrid_runtime.oracle import llama_cpp_scorer  # noqa: E402
 from hybrid_runtime.synth import TRAINED_PRESET, cached_model  # noqa: E402
 
 QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
-PATHS = {"reference": {"compute": "reference"}, "default": {}, "integer kernels": {"prefill_chunk": 64}}
+PATHS = {"reference": {"compute": "reference"}, "default": {}, "integer kernels": {"prefill_chunk": 64},
+         "bf16 prefill": {"prefill_precision": "bf16"}}
 
 
 def held_out_text() -> str:
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=ROOT / "models" / "fidelity")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--quants", default=",".join(QUANTS), help="comma-separated quant types")
     a = ap.parse_args(argv)
     f32 = cached_model(TRAINED_PRESET, "F32", a.cache)[0]
     m = hr.load(f32, compute="reference", n_ctx=a.n_ctx, threads=a.threads)
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
     base = px.scored_log_probs(m.logits, windows)
     rows = {"F32": {"reference": _figures(base, windows, None, m.tokenizer.token_bytes),
                     "llama.cpp": measure_llama(f32, windows, base, a.threads, m.yarn_betas, m.tokenizer.token_bytes)[0]}}
-    for q in QUANTS:
+    for q in a.quants.split(","):
         path = cached_model(TRAINED_PRESET, q, a.cache)[0]
         theirs, lp_theirs = measure_llama(path, windows, base, a.threads, m.yarn_betas, m.tokenizer.token_bytes)
         rows[q] = {}

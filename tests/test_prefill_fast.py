@@ -96,3 +96,33 @@ def test_causal_query_blocks_equal_one_pass(tiny, monkeypatch):
     monkeypatch.setattr(deepseek2, "QUERY_BLOCK", 1 << 20)
     whole = model.logits(toks)
     assert np.linalg.norm(blocked - whole) / np.linalg.norm(whole) < 1e-5
+
+
+def test_bf16_linear_matches_float64_reference():
+    """KernelLinear's bf16 prefill path against float64 on the same bf16-rounded operands."""
+    from hybrid_runtime.weights.provider import KernelLinear
+
+    rng = np.random.default_rng()
+    w = _random_blocks(rng, QT.Q8_0, 96, 512)
+    x = torch.from_numpy(rng.standard_normal((130, 512)).astype(np.float32))
+    got = KernelLinear(w, QT.Q8_0, bf16_prefill=True)(x)
+    wf = torch.from_numpy(dequantize(w, QT.Q8_0).astype(np.float32)).to(torch.bfloat16).double()
+    ref = x.to(torch.bfloat16).double() @ wf.T
+    assert torch.linalg.norm(got.double() - ref) / torch.linalg.norm(ref) < 1e-2  # the bf16 output rounding
+    exact = KernelLinear(w, QT.Q8_0)(x)
+    assert not torch.equal(got, exact)
+
+
+def test_prefill_precision_option(tiny):
+    import hybrid_runtime as hr
+    from hybrid_runtime.errors import InvalidRequestError
+
+    path, _ = tiny("kimi-k2-tiny", "Q8_0")
+    with pytest.raises(InvalidRequestError, match="prefill_precision"):
+        hr.load(path, prefill_precision="fp8")
+    exact_model = hr.load(path)
+    toks = np.random.default_rng().integers(0, exact_model.n_vocab, 200).tolist()
+    exact = exact_model.logits(toks)
+    fast = hr.load(path, prefill_precision="bf16").logits(toks)
+    err = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
+    assert 0 < err < 0.1

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as QT
 
 from hybrid_runtime.experts.moe_cpu import (ExpertWeights, Routing, column_slice, check_input,
                                             expert_pairs_forward, group_by_expert, scatter_pairs)
-from hybrid_runtime.quant.bf16 import as_bf16, dequantize_bf16
+from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
 
 # Tokens in a batch from which the torch model (oneDNN GEMMs on dequantized weights) beats the
 # integer row kernels for the whole layer; the compiled step hands chunks this long to it.
@@ -37,22 +37,6 @@ def configure_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-class _Bf16Buffers:
-    """Reused bf16 weight buffers (a fresh 10 MB array per expert would cost its page faults)."""
-
-    def __init__(self):
-        self._bufs: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, rows: int, cols: int) -> np.ndarray:  # uint16 [rows, cols]
-        buf = self._bufs.get(name)
-        if buf is None or buf.size < rows * cols:
-            buf = self._bufs[name] = np.empty(rows * cols, np.uint16)
-        return buf[: rows * cols].reshape(rows, cols)
-
-
-_BUFFERS = _Bf16Buffers()
-
-
 def _dequant_into(out: np.ndarray, w: np.ndarray, qtype: QT, e: int) -> np.ndarray:
     return dequantize_bf16(qtype, w[e], out)
 
@@ -62,12 +46,12 @@ def _expert_torch(x: torch.Tensor, experts: ExpertWeights, e: int, f0: int, f1: 
     straight to bf16 into reused buffers, gate and up in one matmul."""
     gate, up = experts.gate[:, f0:f1], experts.up[:, f0:f1]
     fs, d = f1 - f0, experts.hidden
-    wgu = _BUFFERS.get("gate_up", 2 * fs, d)
+    wgu = bf16_buffer("gate_up", 2 * fs, d)
     _dequant_into(wgu[:fs], gate, experts.gate_type, e)
     _dequant_into(wgu[fs:], up, experts.up_type, e)
     gu = x @ as_bf16(wgu).T                                          # [n, 2 Fs]
     h = torch.nn.functional.silu(gu[:, :fs]) * gu[:, fs:]            # [n, Fs]
-    wd = _dequant_into(_BUFFERS.get("down", d, fs), column_slice(experts.down, experts.down_type, f0, f1),
+    wd = _dequant_into(bf16_buffer("down", d, fs), column_slice(experts.down, experts.down_type, f0, f1),
                        experts.down_type, e)                         # [D, Fs]
     return (h @ as_bf16(wd).T).float()                               # [n, D]
 

@@ -126,3 +126,15 @@ def as_bf16(bits: np.ndarray):
     import torch
 
     return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
+_BUFFERS: dict[str, np.ndarray] = {}
+
+
+def bf16_buffer(name: str, rows: int, cols: int) -> np.ndarray:
+    """A reused uint16 [rows, cols] buffer (a fresh 10 MB array per call would cost its page
+    faults); one per name, so callers that hold two at once use two names."""
+    buf = _BUFFERS.get(name)
+    if buf is None or buf.size < rows * cols:
+        buf = _BUFFERS[name] = np.empty(rows * cols, np.uint16)
+    return buf[: rows * cols].reshape(rows, cols)

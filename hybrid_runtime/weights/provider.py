@@ -133,20 +133,32 @@ class KernelLinear:
     way first (bf16 here was ~1.35x faster but left llama.cpp's noise band). No float copy is kept.
     """
 
-    __slots__ = ("raw", "ggml_type", "_k", "_min_tokens")
+    __slots__ = ("raw", "ggml_type", "_k", "_min_tokens", "bf16_prefill")
 
-    def __init__(self, raw: np.ndarray, ggml_type):
+    def __init__(self, raw: np.ndarray, ggml_type, bf16_prefill: bool = False):
         from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS  # the measured crossover
         from hybrid_runtime.quant import kernels
 
         self.raw, self.ggml_type, self._k, self._min_tokens = raw, ggml_type, kernels, TORCH_MIN_TOKENS
+        self.bf16_prefill = bf16_prefill  # many tokens: bf16 weights and activations instead
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < self._min_tokens:
             xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
             return torch.from_numpy(self._k.matmul(self.ggml_type, self.raw, xs))
+        if self.bf16_prefill:
+            from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
+
+            w = as_bf16(dequantize_bf16(self.ggml_type, self.raw, bf16_buffer("linear", *self._shape())))
+            return (x.to(torch.bfloat16) @ w.T).float()
         w = torch.from_numpy(self._k.dequantize_rows(self.ggml_type, self.raw))  # [out, in]
         return round_activations(x, self.ggml_type) @ w.T
+
+    def _shape(self) -> tuple[int, int]:
+        from gguf import GGML_QUANT_SIZES
+
+        values, nbytes = GGML_QUANT_SIZES[self.ggml_type]
+        return self.raw.shape[0], self.raw.shape[1] // nbytes * values
 
 
 class KernelHeadLinear:
@@ -191,16 +203,17 @@ class RoundedWeights(FloatWeights):
     """The default CPU path: quantized matrices through the CPU kernels (KernelLinear) where a
     kernel exists, else dequantized weights with activations rounded exactly as llama.cpp does."""
 
-    def __init__(self, gf: GGUFModelFile, experts_factory: Callable[[int], ExpertsFn], kernels: bool = True):
+    def __init__(self, gf: GGUFModelFile, experts_factory: Callable[[int], ExpertsFn], kernels: bool = True,
+                 bf16_prefill: bool = False):
         super().__init__(gf, experts_factory)
-        self.kernels = kernels
+        self.kernels, self.bf16_prefill = kernels, bf16_prefill
 
     def linear(self, name: str):
         from hybrid_runtime.quant.kernels import CPU_KERNELS
 
         ref = self.gf.tensor(name)
         if self.kernels and ref.ggml_type in CPU_KERNELS and ref.data.ndim == 2:
-            return KernelLinear(ref.data, ref.ggml_type)
+            return KernelLinear(ref.data, ref.ggml_type, self.bf16_prefill)
         return RoundedLinear(self.matrix(name), ref.ggml_type)
 
     def head_linear(self, name: str):
