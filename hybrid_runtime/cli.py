@@ -92,7 +92,7 @@ ComputeOpt = typer.Option("fast", "--compute", help="fast (quantized CPU experts
 CompareOpt = typer.Option(False, "--compare-llama-cpp", help="also run llama.cpp on the same file and threads")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
 PlotOpt = typer.Option(None, "--plot", help="write a roofline PNG (time per layer vs bytes/bandwidth)")
-PrefillPrecisionOpt = typer.Option("exact", "--prefill-precision", help="long prefill chunks: exact (float32, llama.cpp's activation rounding) or bf16 (faster)")
+PrefillPrecisionOpt = typer.Option("bf16", "--prefill-precision", help="long prefill chunks: bf16 (default) or exact (float32, llama.cpp's activation rounding)")
 NumaOpt = typer.Option(None, "--numa-config", help="config written by numa-tune")
 
 

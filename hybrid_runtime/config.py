@@ -123,9 +123,10 @@ class RuntimeOptions:
     progress: bool = False  # progress bars while loading (the CLI turns them on)
     cpu_kernels: bool = True  # False: quantized matmuls as float emulation of the same rounding (slow)
     compiled: bool = True  # the compiled CPU step (cpu/step.py) where it applies; False: the torch model
-    # long prefill chunks (>= 96 tokens): "exact" = the non-expert matrices in float32 with llama.cpp's
-    # activation rounding; "bf16" = weights and activations in bf16 (faster; see benchmarks.md fidelity)
-    prefill_precision: str = "exact"
+    # long prefill chunks (>= 96 tokens): "bf16" = the non-expert matrices too in bf16 (faster, and on the
+    # trained model closer to F32 than llama.cpp: benchmarks.md, fidelity); "exact" = float32 with
+    # llama.cpp's activation rounding
+    prefill_precision: str = "bf16"
 
     def validate(self) -> "RuntimeOptions":
         if self.prefill_precision not in ("exact", "bf16"):

@@ -78,20 +78,29 @@ def f32_base(trained, held_out_text):
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_default_path_perplexity_matches_llama_cpp(trained, f32_base, quant):
+    """Both prefill precisions against llama.cpp on the same file. Each: perplexity within 0.5 %
+    and KL-divergence to the F32 model no worse than llama.cpp's. The exact path (llama.cpp's
+    activation rounding) also agrees with llama.cpp's top-1; the default (bf16 prefill) sits closer
+    to F32 than llama.cpp does, so its top-1 is judged against F32's, beside llama.cpp's."""
     path = trained(quant)[0]
     windows, base = f32_base
-    model = hr.load(path, n_ctx=N_CTX, threads=2)
-    ours = px.scored_log_probs(model.logits, windows)
-    with llama_cpp_scorer(path, N_CTX, threads=2, yarn_betas=model.yarn_betas) as score:
+    with llama_cpp_scorer(path, N_CTX, threads=2, yarn_betas=hr.load(path).yarn_betas) as score:
         theirs = px.scored_log_probs(score, windows)
-    p_ours = px.perplexity(ours, windows, model.tokenizer.token_bytes)
-    p_theirs = px.perplexity(theirs, windows, model.tokenizer.token_bytes)
-    agree = px.kl_divergence(theirs, ours)
-    kld_ours, kld_theirs = px.kl_divergence(base, ours).mean, px.kl_divergence(base, theirs).mean
-    print(f"{quant}: ppl ours {p_ours.ppl:.4f}, llama.cpp {p_theirs.ppl:.4f}, bpb {p_ours.bits_per_byte:.3f}, "
-          f"top-1 {agree.top1:.4f}; KLD to F32 ours {kld_ours:.2e}, llama.cpp {kld_theirs:.2e}")
-    assert abs(p_ours.ppl / p_theirs.ppl - 1) <= 0.005
-    assert kld_ours <= 1.1 * kld_theirs + 1e-5
-    assert agree.top1 >= 0.97
+    vs_f32_theirs = px.kl_divergence(base, theirs)
+    for precision in ("exact", "bf16"):
+        model = hr.load(path, n_ctx=N_CTX, threads=2, prefill_precision=precision)
+        ours = px.scored_log_probs(model.logits, windows)
+        p_ours = px.perplexity(ours, windows, model.tokenizer.token_bytes)
+        p_theirs = px.perplexity(theirs, windows, model.tokenizer.token_bytes)
+        agree, vs_f32 = px.kl_divergence(theirs, ours), px.kl_divergence(base, ours)
+        print(f"{quant} {precision}: ppl ours {p_ours.ppl:.4f}, llama.cpp {p_theirs.ppl:.4f}, bpb "
+              f"{p_ours.bits_per_byte:.3f}, top-1 vs llama.cpp {agree.top1:.4f}, vs F32 {vs_f32.top1:.4f} "
+              f"(llama.cpp {vs_f32_theirs.top1:.4f}); KLD to F32 ours {vs_f32.mean:.2e}, llama.cpp {vs_f32_theirs.mean:.2e}")
+        assert abs(p_ours.ppl / p_theirs.ppl - 1) <= 0.005
+        assert vs_f32.mean <= 1.1 * vs_f32_theirs.mean + 1e-5
+        if precision == "exact":
+            assert agree.top1 >= 0.97
+        else:
+            assert vs_f32.top1 >= vs_f32_theirs.top1 - 0.01
     if quant == "Q4_K_M":                                    # the demo file: it has learned Python
         assert p_ours.bits_per_byte <= 2.5                   # (a random model: ~8)

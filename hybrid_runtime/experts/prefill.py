@@ -79,8 +79,10 @@ def prefill_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts
     small_route, small_pairs = _subset(route, np.flatnonzero(~big))
     if len(small_pairs):
         y[small_pairs] = expert_pairs_forward(x, small_route, experts, f0, f1)
+    xb = torch.from_numpy(x).to(torch.bfloat16) if big.any() else None  # rounded once, gathered per expert
+    tokens = torch.from_numpy(route.pair_token)
     for g in np.flatnonzero(big):
         lo, hi = route.group_offsets[g], route.group_offsets[g + 1]
-        xt = torch.from_numpy(x[route.pair_token[lo:hi]]).to(torch.bfloat16)
+        xt = xb.index_select(0, tokens[lo:hi])
         y[lo:hi] = _expert_torch(xt, experts, int(route.group_expert[g]), f0, f1).numpy()
     return scatter_pairs(out, x.shape[0], route, y)
