@@ -20,7 +20,8 @@ import numba
 import numba.np.ufunc.parallel  # noqa: F401  (numba.np.ufunc.parallel._set_parallel_chunksize)
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from hybrid_runtime.quant.numba_cache import use_versioned_cache_dir
 
@@ -28,6 +29,7 @@ use_versioned_cache_dir()  # before any cached function below (and q8k's) is dec
 
 from hybrid_runtime.quant import vnni  # noqa: E402
 from hybrid_runtime.quant.cpu_features import has_avx512_vnni  # noqa: E402
+from hybrid_runtime.quant.floatbits import bf16_bits  # noqa: E402
 from hybrid_runtime.quant.q8k import quantize_q8_0, quantize_q8_k  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +264,23 @@ def _grouped_portable(kind, w_a, w_b, n_mats, g_exp, g_off, p_tok, xq, xd, xs, y
 # Dequantization to float32 (the prefill path feeds these to torch.matmul)
 # ---------------------------------------------------------------------------------------------
 
+def put(out, i, v):
+    """out[i] = v for a float32 out, v's bf16 bits for a uint16 out (chosen when Numba types the
+    call, so each dequantizer below compiles once per output type with the store inlined)."""
+
+
+@overload(put, inline="always")
+def _put_impl(out, i, v):
+    if out.dtype == types.uint16:
+        def store_bf16(out, i, v):
+            out[i] = bf16_bits(v)
+        return store_bf16
+
+    def store(out, i, v):
+        out[i] = v
+    return store
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def _deq_q4k_block(w, wo, out, oo):
     d, dmin = f16(w, wo), f16(w, wo + 2)
@@ -271,8 +290,8 @@ def _deq_q4k_block(w, wo, out, oo):
         d1, mn1, d2, mn2 = d * np.float32(sc1), dmin * np.float32(m1), d * np.float32(sc2), dmin * np.float32(m2)
         for l in range(32):
             q = w[wo + 16 + 32 * c + l]
-            out[oo + 64 * c + l] = d1 * np.float32(q & 15) - mn1
-            out[oo + 64 * c + 32 + l] = d2 * np.float32(q >> 4) - mn2
+            put(out, oo + 64 * c + l, d1 * np.float32(q & 15) - mn1)
+            put(out, oo + 64 * c + 32 + l, d2 * np.float32(q >> 4) - mn2)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -285,35 +304,44 @@ def _deq_q5k_block(w, wo, out, oo):
         for l in range(32):
             q = np.int32(w[wo + 48 + 32 * c + l])
             h = np.int32(w[wo + 16 + l]) >> (2 * c)
-            out[oo + 64 * c + l] = d1 * np.float32((q & 15) | ((h & 1) << 4)) - mn1
-            out[oo + 64 * c + 32 + l] = d2 * np.float32((q >> 4) | ((h & 2) << 3)) - mn2
+            put(out, oo + 64 * c + l, d1 * np.float32((q & 15) | ((h & 1) << 4)) - mn1)
+            put(out, oo + 64 * c + 32 + l, d2 * np.float32((q >> 4) | ((h & 2) << 3)) - mn2)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _deq_q6k_block(w, wo, out, oo):
+    # 210 bytes: ql[128] | qh[64] | scales int8[16] | d f16. Per half n of 128 values and l < 32:
+    # value 128n + 32k + l = (4 low bits of ql, 2 bits of qh at 2k) - 32, scale 8n + 2k + l // 16
     d = f16(w, wo + 208)
     for n in range(2):
-        for k in range(4):
-            src = wo + 64 * n + 32 * (k & 1)
-            shift = 4 * (k >> 1)
-            for l in range(32):
-                ql = (np.int32(w[src + l]) >> shift) & 15
-                qh = (np.int32(w[wo + 128 + 32 * n + l]) >> (2 * k)) & 3
-                sc = np.float32(np.int8(w[wo + 192 + 8 * n + 2 * k + l // 16]))
-                out[oo + 128 * n + 32 * k + l] = d * sc * np.float32((ql | (qh << 4)) - 32)
+        for hh in range(2):
+            s = wo + 192 + 8 * n + hh
+            d0 = d * np.float32(np.int8(w[s]))
+            d1 = d * np.float32(np.int8(w[s + 2]))
+            d2 = d * np.float32(np.int8(w[s + 4]))
+            d3 = d * np.float32(np.int8(w[s + 6]))
+            o = oo + 128 * n + 16 * hh
+            for i in range(16):
+                l = 16 * hh + i
+                ql0 = np.int32(w[wo + 64 * n + l])
+                ql1 = np.int32(w[wo + 64 * n + 32 + l])
+                qh = np.int32(w[wo + 128 + 32 * n + l])
+                put(out, o + i, d0 * np.float32(((ql0 & 15) | ((qh & 3) << 4)) - 32))
+                put(out, o + 32 + i, d1 * np.float32(((ql1 & 15) | (((qh >> 2) & 3) << 4)) - 32))
+                put(out, o + 64 + i, d2 * np.float32(((ql0 >> 4) | (((qh >> 4) & 3) << 4)) - 32))
+                put(out, o + 96 + i, d3 * np.float32(((ql1 >> 4) | (((qh >> 6) & 3) << 4)) - 32))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _deq_q80_block(w, wo, out, oo):
     d = f16(w, wo)
     for l in range(32):
-        out[oo + l] = d * np.float32(np.int8(w[wo + 2 + l]))
+        put(out, oo + l, d * np.float32(np.int8(w[wo + 2 + l])))
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _dequantize_rows(kind, w, out):  # w [R, RB] u8 -> out [R, C] f32
-    n_rows = w.shape[0]
-    for r in prange(n_rows):
+def dequantize_rows_into(kind, w, out):  # w [R, RB] u8 -> out [R, C] float32, or uint16 bf16 bits
+    for r in prange(w.shape[0]):
         row, dst = w[r], out[r]
         if kind == K_Q8_0:
             for b in range(dst.shape[0] // 32):
@@ -340,7 +368,7 @@ def dequantize_rows(qtype: QT, w: np.ndarray) -> np.ndarray:
         return dequantize(np.ascontiguousarray(w), qtype).astype(np.float32, copy=False)
     values, nbytes = GGML_QUANT_SIZES[qtype]
     out = np.empty((w.shape[0], w.shape[1] // nbytes * values), np.float32)
-    _dequantize_rows(_FAST_DEQUANT[qtype], w, out)
+    dequantize_rows_into(_FAST_DEQUANT[qtype], w, out)
     return out
 
 

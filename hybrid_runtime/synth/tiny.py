@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gguf
@@ -55,9 +55,16 @@ def make_tiny_model(preset: str | Preset, quant: str, out: str | os.PathLike, se
     if n_params > MAX_FLOAT_PARAMS:
         raise InvalidRequestError(f"Preset {p.name!r} has {n_params / 1e9:.1f} B parameters, too many for a "
                                   "float original; use scripts/make_scale_model.py.")
+    return write_quantized(out, quant, lambda path: write_float_model(path, p, specs, kv_layout, seed, thinking),
+                           f32_twin)
+
+
+def write_quantized(out: Path, quant: str, write_float: Callable[[Path], None], f32_twin=None) -> Path:
+    """`write_float(path)` writes the float model; quantized into `out` by llama.cpp's quantizer
+    (the float file is a temporary unless quant is F32), with the optional F32 twin."""
     float_path = out if quant == "F32" else out.with_name(out.name + ".f32.tmp")
     try:
-        write_float_model(float_path, p, specs, kv_layout, seed, thinking)
+        write_float(float_path)
         if quant != "F32":
             quantize(float_path, out, quant)
     finally:

@@ -134,18 +134,8 @@ def write_metadata(w: gguf.GGUFWriter, p: Preset, kv_layout: str, vocab: Vocab, 
 def make_trained_model(quant: str, out: str | os.PathLike, kv_layout: str = "split",
                        f32_twin: str | os.PathLike | None = None, asset_dir: Path = ASSET_DIR) -> Path:
     """The trained model at `quant` (llama.cpp's quantizer on the F32 export), plus its F32 twin."""
-    from hybrid_runtime.synth.tiny import _check_args, quantize, write_f32_twin
+    from hybrid_runtime.synth.tiny import _check_args, write_quantized
 
     _check_args(quant, kv_layout)
     out = Path(out)
-    float_path = out if quant == "F32" else out.with_name(out.name + ".f32.tmp")
-    try:
-        write_trained_gguf(float_path, kv_layout, asset_dir)
-        if quant != "F32":
-            quantize(float_path, out, quant)
-    finally:
-        if float_path != out:
-            float_path.unlink(missing_ok=True)
-    if f32_twin is not None:
-        write_f32_twin(out, Path(f32_twin))
-    return out
+    return write_quantized(out, quant, lambda path: write_trained_gguf(path, kv_layout, asset_dir), f32_twin)
