@@ -39,13 +39,6 @@ def dot(a, ao, b, bo, n):
     return acc
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def axpy(y, p, x, n):
-    """y[:n] += p * x[:n] (float32, vectorized)."""
-    for i in range(n):
-        y[i] += p * x[i]
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def rms_norm(x, n, w, wo, eps, out):
     """out[:n] = x[:n] / rms(x[:n]) * va[wo: wo + n] (float32 throughout, as the torch model)."""
@@ -85,7 +78,7 @@ def norm_and_quantize(w, x, T, n, vec, need, a, eps):
         quantize_rows(a.X, T, n, need, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, inline="always")
 def cache_row(btab, t, j, bs):
     return btab[t, j // bs] * bs + j % bs
 
@@ -158,7 +151,7 @@ def tile_scores(qa, qp, i0, C, R, lat, pe, btab, t, bs, L, scale, sc, LM, mx, ac
     """sc[(i0+i)*LM + j] = scale * (q_abs . c_j + q_pe . pe_j) for the tile's heads, j < L; mx = max.
     (fastmath in its own function: an inlined body takes its caller's flags.)"""
     for j in range(L):
-        row = btab[t, j // bs] * bs + j % bs
+        row = cache_row(btab, t, j, bs)
         acc[:] = 0.0
         dot_tile(qa[i0 * C:], C, lat[row], C, acc)
         dot_tile(qp[i0 * R:], R, pe[row], R, acc)
@@ -184,7 +177,7 @@ def softmax_rows(sc, n, LM, L, mx):
 def tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, p):
     """ol[i0 + i] += p_ij c_j over j < L for the tile's heads (p = softmax weights)."""
     for j in range(L):
-        row = btab[t, j // bs] * bs + j % bs
+        row = cache_row(btab, t, j, bs)
         for i in range(HT):
             p[i] = sc[(i0 + i) * LM + j] * mx[i0 + i]
         axpy_tile(ol, i0, p, lat[row], C)

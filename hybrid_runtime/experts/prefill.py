@@ -10,7 +10,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QT
 
 from hybrid_runtime.experts.moe_cpu import (ExpertWeights, Routing, column_slice, check_input,
                                             expert_pairs_forward, group_by_expert, scatter_pairs)
@@ -37,22 +36,18 @@ def configure_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _dequant_into(out: np.ndarray, w: np.ndarray, qtype: QT, e: int) -> np.ndarray:
-    return dequantize_bf16(qtype, w[e], out)
-
-
 def _expert_torch(x: torch.Tensor, experts: ExpertWeights, e: int, f0: int, f1: int) -> torch.Tensor:
     """One expert's FFN for the tokens x bf16 [n, D] -> float32 [n, D]: the weights dequantized
     straight to bf16 into reused buffers, gate and up in one matmul."""
     gate, up = experts.gate[:, f0:f1], experts.up[:, f0:f1]
     fs, d = f1 - f0, experts.hidden
     wgu = bf16_buffer("gate_up", 2 * fs, d)
-    _dequant_into(wgu[:fs], gate, experts.gate_type, e)
-    _dequant_into(wgu[fs:], up, experts.up_type, e)
+    dequantize_bf16(experts.gate_type, gate[e], wgu[:fs])
+    dequantize_bf16(experts.up_type, up[e], wgu[fs:])
     gu = x @ as_bf16(wgu).T                                          # [n, 2 Fs]
     h = torch.nn.functional.silu(gu[:, :fs]) * gu[:, fs:]            # [n, Fs]
-    wd = _dequant_into(bf16_buffer("down", d, fs), column_slice(experts.down, experts.down_type, f0, f1),
-                       experts.down_type, e)                         # [D, Fs]
+    wd = dequantize_bf16(experts.down_type, column_slice(experts.down, experts.down_type, f0, f1)[e],
+                         bf16_buffer("down", d, fs))                 # [D, Fs]
     return (h @ as_bf16(wd).T).float()                               # [n, D]
 
 

@@ -129,8 +129,9 @@ class KernelLinear:
 
     Few tokens (decode): the VNNI integer kernels on the raw blocks, activations quantized to
     Q8_K/Q8_0 as llama.cpp does. Many tokens (prefill, >= TORCH_MIN_TOKENS): the matrix is
-    dequantized for the call and multiplied by torch in float32, the activations rounded the same
-    way first (bf16 here was ~1.35x faster but left llama.cpp's noise band). No float copy is kept.
+    dequantized for the call into a reused buffer and multiplied by torch, in bf16 by default
+    (`bf16_prefill`; closer to the F32 model than llama.cpp, benchmarks.md) or in float32 with the
+    activations rounded as llama.cpp does. No float copy of the weights is kept.
     """
 
     __slots__ = ("raw", "ggml_type", "_k", "_min_tokens", "bf16_prefill")
