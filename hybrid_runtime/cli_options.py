@@ -11,7 +11,8 @@ from typing import Optional
 import typer
 
 NumaConfig = typer.Option(None, "--numa-config", help="config written by numa-tune (pinned per-node expert threads)")
-ExpertStore = typer.Option("mmap", "--expert-store", help="mmap (in place, faulted in at load), lazy, or hugepages (copied)")
+ExpertStore = typer.Option("auto", "--expert-store", help="where the weights the CPU reads live: auto (hugepages where THP "
+                           "is granted and the copy fits, else mmap), hugepages (copied), mmap (in place, faulted in at load), lazy")
 Device = typer.Option("auto", "--device", help="auto (GPU when CUDA is present), cpu, or cuda")
 GpuMem = typer.Option(None, "--gpu-mem", help="GPU memory budget, e.g. 22GiB (default: free memory minus a margin)")
 CpuMoe = typer.Option(False, "--cpu-moe", help="keep every routed expert on the CPU (no GPU expert cache)")

@@ -8,7 +8,7 @@ import torch
 
 from hybrid_runtime.config import ModelConfig, RuntimeOptions
 from hybrid_runtime.errors import InvalidRequestError
-from hybrid_runtime.experts.backends import (CpuQuantExperts, FloatExperts, expert_refs,
+from hybrid_runtime.experts.backends import (CpuQuantExperts, FloatExperts, expert_refs, expert_tensor_names,
                                              kernel_types_supported)
 from hybrid_runtime.quant.registry import get_format
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
@@ -60,13 +60,15 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, sto
     if not opts.cpu_kernels:
         return RoundedWeights(gf, lambda layer: FloatExperts(*expert_refs(gf, layer), round_act=True),
                               kernels=False)
+    from hybrid_runtime.experts import store
+
     numa = numa_executor(opts)
-    stored = stored if stored is not None else prepared_expert_refs(gf, cfg, opts)
+    stored = stored if stored is not None else prepared_expert_refs(gf, cfg, opts, all_weights=True)
 
     def experts(layer: int):
         refs = stored[layer]
         if kernel_types_supported(refs):
-            return CpuQuantExperts(*refs, layer=layer, numa=numa)
+            return CpuQuantExperts(*refs, layer=layer, numa=numa, where=store.where(gf.store_report))
         return FloatExperts(*refs, round_act=True)  # types without a kernel (Q4_0, Q5_0, F16, ...)
 
     weights = RoundedWeights(gf, experts, bf16_prefill=opts.prefill_precision == "bf16")
@@ -86,13 +88,21 @@ def numa_executor(opts: RuntimeOptions):
     return NumaExpertExecutor(discover(), cfg.placement, cfg.threads_per_node)
 
 
-def prepared_expert_refs(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, layers=None) -> dict:
-    """Every MoE layer's expert tensors after the expert store has faulted them in or copied them."""
+def prepared_expert_refs(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, layers=None,
+                         all_weights: bool = False) -> dict:
+    """Every MoE layer's expert tensors after the weight store has faulted them in or copied them;
+    all_weights: every other tensor the CPU reads too (the CPU-only path; see experts/store.py)."""
     from hybrid_runtime.experts import store
 
     layers = [l for l in range(cfg.n_layer) if cfg.is_moe_layer(l)] if layers is None else layers
-    refs, _ = store.prepare({l: expert_refs(gf, l) for l in layers}, opts.expert_store, opts.progress)
-    return refs
+    names = [n for l in layers for n in expert_tensor_names(gf, l)]
+    if all_weights:  # an untied embedding is only gathered from: it stays in place
+        names += [n for n in gf.tensors if n != "token_embd.weight" or not gf.has("output.weight")]
+    mode = opts.expert_store
+    if mode == "auto" and opts.numa_config:  # the NUMA executor copies the experts to their nodes itself
+        mode = "mmap"
+    gf.store_report = store.prepare(gf, names, mode, opts.progress)
+    return {l: expert_refs(gf, l) for l in layers}
 
 
 def compiled_step_applies(opts: RuntimeOptions) -> bool:
@@ -113,7 +123,7 @@ def build_network(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, rop
     from hybrid_runtime.errors import UnsupportedModelError
     from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
 
-    stored = prepared_expert_refs(gf, cfg, opts)
+    stored = prepared_expert_refs(gf, cfg, opts, all_weights=True)
     weights = build_weights(gf, cfg, opts, stored)
     try:
         step = CompiledDeepSeek2(cfg, gf, stored, rope, opts.prefill_chunk)

@@ -10,6 +10,7 @@ from gguf.quants import dequantize
 
 import hybrid_runtime as hr
 from hybrid_runtime.cpu.step import CompiledDeepSeek2
+from hybrid_runtime.cpu import table as tb
 from hybrid_runtime.cpu.table import M_OFF, q8_0_from_32_blocks
 from hybrid_runtime.layers import rms_norm
 from hybrid_runtime.quant.cpu_features import has_avx512_vnni
@@ -138,16 +139,23 @@ def test_32_blocks_become_q8_0_exactly(qtype):
     assert np.array_equal(dequantize(q8, QT.Q8_0), dequantize(raw, qtype))
 
 
-def test_weights_are_read_in_place(loaded):
-    """No second copy: the K-quant matrices and experts are addressed inside the mapped file."""
-    compiled, _ = loaded("kimi-k2-tiny", "Q4_K_M")
-    net = compiled.net
-    mm = compiled.file._maps[0]
-    lo = mm.__array_interface__["data"][0] - net.w.space.__array_interface__["data"][0]
+@pytest.mark.parametrize("mode", ["mmap", "hugepages"])
+def test_no_weight_is_held_twice(tiny, mode):
+    """mmap: the K-quant matrices and experts are addressed inside the mapped file; hugepages: in
+    the store's copy, which replaced the file's tensor (every reader reads that one copy)."""
+    path, _ = tiny("kimi-k2-tiny", "Q4_K_M")
+    model = hr.load(path, threads=2, expert_store=mode)
+    net, gf = model.net, model.file
+    base = net.w.space.__array_interface__["data"][0]
+    mm = gf._maps[0]
+    lo = mm.__array_interface__["data"][0] - base
     lt = net.w.layers[1]
-    for field in (4, 14, 15, 16):  # q_b, gate/up/down experts: K-quants in this file
+    names = {tb.F_Q_B: "attn_q_b", tb.F_GATE_X: "ffn_gate_exps", tb.F_UP_X: "ffn_up_exps",
+             tb.F_DOWN_X: "ffn_down_exps"}  # K-quants in this file
+    for field, name in names.items():
         off = net.w.mats[lt[field], M_OFF]
-        assert lo <= off < lo + mm.nbytes
+        assert (lo <= off < lo + mm.nbytes) == (mode == "mmap")
+        assert off == gf.tensor(f"blk.1.{name}.weight").data.__array_interface__["data"][0] - base
 
 
 def test_long_prefill_through_the_torch_model_shares_the_paged_cache(tiny):

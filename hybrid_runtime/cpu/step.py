@@ -107,6 +107,7 @@ class CompiledDeepSeek2:
         from hybrid_runtime.cpu import layers as L
 
         self.cfg, self.rope, self._L = cfg, rope, L
+        self.store_report = gf.store_report
         self.table = build_table(gf, cfg, experts)
         t = self.table
         self.embed_ref = gf.tensor("token_embd.weight")
@@ -182,7 +183,9 @@ class CompiledDeepSeek2:
 
     def describe_experts(self) -> str:
         kinds = sorted({QT(int(t)).name for t in self.expert_types})
-        return f"Numba kernels {'/'.join(kinds)}, in place (mmap)" if kinds else "none (dense model)"
+        from hybrid_runtime.experts.store import where
+
+        return f"Numba kernels {'/'.join(kinds)}, {where(self.store_report)}" if kinds else "none (dense model)"
 
     # -- the model interface ----------------------------------------------------------------------
     def new_cache(self, capacity: int) -> PagedCache:

@@ -18,6 +18,13 @@ from hybrid_runtime.weights.gguf_file import GGUFModelFile, TensorRef
 from hybrid_runtime.weights.provider import to_torch
 
 
+def expert_tensor_names(gf: GGUFModelFile, layer: int) -> list[str]:
+    """The file's tensors that hold a layer's routed experts (a fused gate_up is one tensor)."""
+    b = f"blk.{layer}."
+    names = ["ffn_gate_up_exps"] if gf.has(b + "ffn_gate_up_exps.weight") else ["ffn_gate_exps", "ffn_up_exps"]
+    return [f"{b}{n}.weight" for n in names + ["ffn_down_exps"]]
+
+
 def expert_refs(gf: GGUFModelFile, layer: int) -> tuple[TensorRef, TensorRef, TensorRef]:
     """gate [E, F, D], up [E, F, D], down [E, D, F]; a fused gate_up [E, 2F, D] is split as views."""
     b = f"blk.{layer}."
@@ -90,12 +97,13 @@ class CpuQuantExperts(SyncExperts):
     Q8_K/Q8_0 once per layer as llama.cpp does; large groups of a prefill go through torch bf16.
     With a NUMA executor each node's pinned threads compute their share of the FFN dimension."""
 
-    def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef, layer: int = 0, numa=None):
+    def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef, layer: int = 0, numa=None,
+                 where: str = "in place (mmap)"):
         from hybrid_runtime.experts import moe_cpu
 
         from hybrid_runtime.experts import prefill
 
-        self.layer, self.numa = layer, numa
+        self.layer, self.numa, self.where = layer, numa, where
         self._moe, self._prefill, self._min_tokens = moe_cpu.moe_forward, prefill.prefill_forward, prefill.TORCH_MIN_TOKENS
         self.weights = moe_cpu.ExpertWeights(gate.data, up.data, down.data, gate.ggml_type, up.ggml_type,
                                              down.ggml_type, n_expert=gate.shape[0], n_ff=gate.shape[1],
@@ -105,7 +113,7 @@ class CpuQuantExperts(SyncExperts):
 
     def describe(self) -> str:
         w = self.weights
-        where = f"NUMA {self.numa.placement}" if self.numa is not None else "in place (mmap)"
+        where = f"NUMA {self.numa.placement}" if self.numa is not None else self.where
         return f"Numba kernels {w.gate_type.name}/{w.up_type.name}/{w.down_type.name}, {where}"
 
     def __call__(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

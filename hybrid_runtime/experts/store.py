@@ -1,15 +1,23 @@
-"""The routed-expert store: where the expert bytes live before the CPU kernels read them.
+"""The weight store: where the bytes the CPU kernels read live before they read them.
 
-- `mmap` (default): read in place from the mapped file, zero copy. Pages are faulted in at load
-  (MADV_WILLNEED, then one read per page) with a progress bar, so that decode never waits on the
-  disk: a token touches 8 random experts per layer, ~230 MB at Kimi K2 shapes.
+- `hugepages`: copied into anonymous 2 MiB-aligned memory advised MADV_HUGEPAGE; the file's pages
+  are released from this process's mapping as each tensor is copied (so RSS stays about the file
+  size) and the kernel may drop them from the page cache. Decode is faster: a token reads 8 random
+  experts per layer (~230 MB at Kimi K2 shapes), and with 4 KiB pages every page is a TLB miss and
+  a restart of the hardware prefetcher (medium-12L: 30.2 -> 38.8 t/s, benchmarks.md).
+- `mmap`: read in place from the mapped file, zero copy. Pages are faulted in at load
+  (MADV_WILLNEED, then one read per page) with a progress bar, so decode never waits on the disk.
 - `lazy`: in place, faulted in on first use (fast start; the first tokens wait on the disk).
-- `hugepages`: copied into anonymous 2 MiB-aligned memory advised MADV_HUGEPAGE (fewer TLB
-  misses on a 600 GB working set); the file's page cache can then be dropped by the kernel.
+- `auto` (the default): `hugepages` where the kernel grants transparent huge pages on request and
+  the copy fits in the available memory, else `mmap`.
+
+On the CPU-only path the store prepares every tensor the step reads (all but an untied token
+embedding, which is only gathered from); with a GPU, just the routed experts of the CPU's layers.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -41,15 +49,10 @@ class StoreReport:
 
 
 def _pieces(a: np.ndarray):
-    """Contiguous flat uint8 pieces of a tensor (one per expert when it is a strided view)."""
-    if a.flags.c_contiguous:
-        flat = a.reshape(-1).view(np.uint8)
-        for start in range(0, flat.shape[0], _CHUNK):
-            yield flat[start : start + _CHUNK]
-    else:  # a fused gate_up split: each expert's rows are contiguous
-        for e in range(a.shape[0]):
-            yield np.ascontiguousarray(a[e]).reshape(-1).view(np.uint8) if not a[e].flags.c_contiguous \
-                else a[e].reshape(-1).view(np.uint8)
+    """A whole (contiguous) tensor as flat uint8 pieces of at most _CHUNK bytes."""
+    flat = a.reshape(-1).view(np.uint8)
+    for start in range(0, flat.shape[0], _CHUNK):
+        yield start, flat[start: start + _CHUNK]
 
 
 def _progress(total: int, label: str, show: bool):
@@ -62,19 +65,69 @@ def _progress(total: int, label: str, show: bool):
     return p
 
 
-def prepare(layers: dict[int, tuple[TensorRef, ...]], mode: str = "mmap", show_progress: bool = True,
-            ) -> tuple[dict[int, tuple[TensorRef, ...]], StoreReport]:
-    """Fault in (mmap) or copy (hugepages) every routed-expert tensor; returns the refs to use."""
+MODES = ("auto", "mmap", "lazy", "hugepages")
+
+
+def resolve(mode: str, n_bytes: int) -> str:
+    """The store a mode means here: `auto` -> hugepages or mmap (see the module docstring)."""
+    if mode != "auto":
+        return mode
+    from hybrid_runtime.numa.topology import parse_thp
+
+    try:
+        thp = parse_thp(open("/sys/kernel/mm/transparent_hugepage/enabled").read())
+    except OSError:
+        thp = "unknown"
+    if thp not in ("always", "madvise"):
+        return "mmap"
+    import psutil
+
+    return "hugepages" if n_bytes * 1.05 + (1 << 30) <= psutil.virtual_memory().available else "mmap"
+
+
+def prepare(gf, names: list[str], mode: str = "auto", show_progress: bool = True) -> StoreReport:
+    """Fault in (mmap) or copy (hugepages) the named tensors of gf; a copy replaces the tensor in
+    gf.tensors, so every reader after this one reads the copy."""
     import time
 
-    total = sum(r.n_bytes for refs in layers.values() for r in refs)
+    import psutil
+
+    names = list(dict.fromkeys(names))
+    total = sum(gf.tensor(n).n_bytes for n in names)
+    mode = resolve(mode, total)
+    # a copy of more than a quarter of RAM also drops the file's pages from the page cache as it
+    # goes, so the kernel need not reclaim them while it looks for free huge pages
+    drop = _PageCacheDropper(gf) if mode == "hugepages" and total > psutil.virtual_memory().total // 4 else None
     t0 = time.perf_counter()
-    out: dict[int, tuple[TensorRef, ...]] = {}
-    label = "faulting in experts" if mode == "mmap" else "copying experts to huge pages"
-    with _progress(total, label, show_progress and total > (64 << 20)) as bar:
-        for layer, refs in layers.items():
-            out[layer] = tuple(_prepare_one(r, mode, bar) for r in refs)
-    return out, StoreReport(mode, total, time.perf_counter() - t0)
+    label = "faulting in weights" if mode == "mmap" else "copying weights to huge pages"
+    with _progress(total, label, show_progress and mode != "lazy" and total > (64 << 20)) as bar:
+        for name in names:
+            gf.tensors[name] = _prepare_one(gf.tensor(name), mode, bar, drop)
+    if drop is not None:
+        drop.close()
+    return StoreReport(mode, total, time.perf_counter() - t0)
+
+
+class _PageCacheDropper:
+    """posix_fadvise(DONTNEED) over the file bytes behind a piece of a mapped tensor."""
+
+    def __init__(self, gf):
+        self._maps = [(memory.address(m), os.open(p, os.O_RDONLY)) for m, p in zip(gf._maps, gf.parts)]
+
+    def __call__(self, part: int, piece: np.ndarray) -> None:
+        base, fd = self._maps[part]
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, memory.address(piece) - base, piece.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        for _, fd in self._maps:
+            os.close(fd)
+
+
+def where(report: StoreReport | None) -> str:
+    """How a load summary says where the prepared weights live."""
+    mode = report.mode if report is not None else "mmap"
+    return {"hugepages": "copied to huge pages", "lazy": "in place (lazy)"}.get(mode, "in place (mmap)")
 
 
 def _advance(bar, n: int) -> None:
@@ -82,18 +135,23 @@ def _advance(bar, n: int) -> None:
         bar.advance(bar.task_ids[0], n)
 
 
-def _prepare_one(ref: TensorRef, mode: str, bar) -> TensorRef:
+def _prepare_one(ref: TensorRef, mode: str, bar, drop=None) -> TensorRef:
     if mode == "lazy":
         return ref
     if mode == "mmap":
-        for piece in _pieces(ref.data):
+        for _, piece in _pieces(ref.data):
             memory.madvise(piece, memory.MADV_WILLNEED)
             _touch(piece, PAGE)
             _advance(bar, piece.shape[0])
         return ref
-    buf = memory.alloc(ref.data.nbytes, huge=True)  # np.frombuffer keeps the mapping alive
-    data = buf.array.view(ref.data.dtype).reshape(ref.data.shape)
-    for e in range(ref.data.shape[0]):  # expert by expert, so the progress bar moves
-        data[e] = ref.data[e]
-        _advance(bar, data[e].nbytes)
+    src = ref.data
+    buf = memory.alloc(src.nbytes, huge=True)  # np.frombuffer keeps the mapping alive
+    data = buf.array.view(src.dtype).reshape(src.shape)
+    flat = data.reshape(-1).view(np.uint8)
+    for start, piece in _pieces(src):  # piece by piece, so the progress bar moves
+        flat[start: start + piece.shape[0]] = piece
+        memory.madvise(piece, memory.MADV_DONTNEED)  # this process's RSS no longer holds the file's copy
+        if drop is not None:
+            drop(ref.part, piece)
+        _advance(bar, piece.shape[0])
     return TensorRef(ref.name, ref.ggml_type, ref.shape, data, ref.n_bytes, ref.part)

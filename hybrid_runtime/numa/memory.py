@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE = 0, 1, 2, 3
 MPOL_MF_STRICT, MPOL_MF_MOVE = 1 << 0, 1 << 1
-MADV_WILLNEED, MADV_HUGEPAGE = 3, 14
+MADV_WILLNEED, MADV_DONTNEED, MADV_HUGEPAGE = 3, 4, 14
 HUGE_2M = 2 << 20
 
 # x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)
@@ -78,10 +78,15 @@ def set_mempolicy(mode: int, nodes: list[int] | None = None) -> bool:
     return _syscall("set_mempolicy", ctypes.c_long(mode), node_mask(nodes), _maxnode())
 
 
+def address(arr: np.ndarray) -> int:
+    """The address of an array's first byte."""
+    return arr.__array_interface__["data"][0]
+
+
 def _page_span(arr: np.ndarray) -> tuple[int, int]:
     """The page-aligned [start, length) inside the array's bytes (whole pages only)."""
     page = mmap.PAGESIZE
-    start = arr.__array_interface__["data"][0]
+    start = address(arr)
     end = start + arr.nbytes
     a0 = (start + page - 1) // page * page
     a1 = end // page * page
@@ -101,7 +106,7 @@ def mbind(arr: np.ndarray, mode: int, nodes: list[int], move: bool = False) -> b
 
 
 def madvise(arr: np.ndarray, advice: int) -> bool:
-    """madvise() the whole pages of an array (MADV_HUGEPAGE, MADV_WILLNEED)."""
+    """madvise() the whole pages of an array (MADV_HUGEPAGE, MADV_WILLNEED, MADV_DONTNEED)."""
     lib = _libc()
     addr, length = _page_span(arr)
     if lib is None or length == 0:
@@ -168,7 +173,7 @@ def alloc(nbytes: int, mode: int = MPOL_DEFAULT, nodes: list[int] | None = None,
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     mapping = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
     raw = np.frombuffer(mapping, dtype=np.uint8)
-    start = raw.__array_interface__["data"][0]
+    start = address(raw)
     offset = (-start) % HUGE_2M
     arr = raw[offset : offset + nbytes]
     if huge:

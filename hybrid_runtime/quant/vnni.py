@@ -105,6 +105,22 @@ def _reduce_fadd(builder, v):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
+# Each block's bytes PREFETCH_BYTES ahead are prefetched into L2 (prefetcht2). The hardware
+# prefetcher stops at every 4 KiB page and ramps up again on each new region (an expert is a few
+# hundred KB), so with 2 threads random experts were read at 14.8 GB/s against 41 from cache;
+# 2 KB ahead: 20.6 (mmap), 25.7 (huge pages); 1 KB or 4-8 KB ahead, or into L1, gained less.
+PREFETCH_BYTES = 2048
+_PREFETCH_L2 = 1  # llvm.prefetch locality 1 = prefetcht2
+
+
+def _prefetch_ahead(builder, pw, w_bytes):  # every cache line of the block PREFETCH_BYTES ahead
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+                                        "llvm.prefetch.p0i8")
+    for k in range(0, w_bytes, 64):
+        p = builder.gep(pw, [ir.Constant(I32, PREFETCH_BYTES + k)])
+        builder.call(fn, [p, ir.Constant(I32, 0), ir.Constant(I32, _PREFETCH_L2), ir.Constant(I32, 1)])
+
+
 def _row_codegen(block_fn, widths, w_bytes, x_vals, s_vals, d_vals):
     """IR for: for b < nb: for each (int vector, float scale) of block_fn: acc += float(vector) * scale."""
 
@@ -115,6 +131,7 @@ def _row_codegen(block_fn, widths, w_bytes, x_vals, s_vals, d_vals):
         with cgutils.for_range(builder, anb) as loop:
             b = loop.index
             pw = _byte_ptr(context, builder, sw, aw, builder.add(awo, builder.mul(b, ir.Constant(b.type, w_bytes))))
+            _prefetch_ahead(builder, pw, w_bytes)
             px = _byte_ptr(context, builder, sx, ax, builder.add(axo, builder.mul(b, ir.Constant(b.type, x_vals))))
             ps = _byte_ptr(context, builder, ss, as_, builder.add(aso, builder.mul(b, ir.Constant(b.type, s_vals))), 2)
             pd = _byte_ptr(context, builder, sd, axd, builder.add(ado, builder.mul(b, ir.Constant(b.type, d_vals))), 4)

@@ -110,6 +110,7 @@ class GGUFModelFile:
         self.headers = [read_header(p, mm) for p, mm in zip(self.parts, self._maps)]
         self.metadata = self.headers[0].metadata
         self.tensors: dict[str, TensorRef] = {}
+        self.store_report = None  # set by experts/store.prepare: where the prepared tensors live
         for i, (header, mm, p) in enumerate(zip(self.headers, self._maps, self.parts)):
             _check_split_part(p, header.metadata, i, len(self.parts))
             for name, ref in _tensor_refs(header, mm, i).items():
