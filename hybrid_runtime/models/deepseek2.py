@@ -127,6 +127,8 @@ class Attention:
         self.kv_a_norm = w.vector(b + "attn_kv_a_norm.weight")
         self.wk_b, self.wv_b = self._absorbed(w, b)  # per head: N -> C, C -> V
         self.wo = w.linear(b + "attn_output.weight")
+        # long prefill chunks may attend in bf16 where the absorbed matrices run in bf16
+        self.chunk_dtype = getattr(self.wk_b, "chunk_dtype", lambda n_tokens: None)
 
     def _absorbed(self, w, b: str):
         c = self.cfg
@@ -150,9 +152,14 @@ class Attention:
         k_pe = self.rope(kv[:, None, c.kv_lora_rank :], pos)[:, 0]  # [T, R]
         lat_all, pe_all = cache.append(self.layer, latent, k_pe)  # [L, C], [L, R] on the latents' device
         q_abs = self.wk_b(q_nope)  # [T, H, C]
+        dt = self.chunk_dtype(T)
+        if dt is not None:
+            q_abs, q_pe, lat_all, pe_all = q_abs.to(dt), q_pe.to(dt), lat_all.to(dt), pe_all.to(dt)
         # query blocks see only the cache rows up to their last position (causal): ~half the work
         o_lat = torch.cat([self._attend(q_abs[t0: t0 + QUERY_BLOCK], q_pe[t0: t0 + QUERY_BLOCK], lat_all, pe_all,
                                         pos[t0: t0 + QUERY_BLOCK]) for t0 in range(0, T, QUERY_BLOCK)])
+        if dt is not None:
+            o_lat = o_lat.float()
         o = self.wv_b(o_lat)  # [T, H, V]
         return self.wo(o.reshape(T, c.n_head * c.v_head))
 

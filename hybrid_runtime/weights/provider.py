@@ -166,17 +166,29 @@ class KernelHeadLinear:
     """Per-head quantized matrices W [H, out, row_bytes] (MLA's attn_k_b / attn_v_b) through the
     grouped kernel: each head is a group, each (token, head) row of x one pair."""
 
-    __slots__ = ("raw", "spec", "dense", "_k", "_min_tokens")
+    __slots__ = ("raw", "ggml_type", "spec", "dense", "_k", "_min_tokens", "bf16_prefill")
 
-    def __init__(self, raw: np.ndarray, ggml_type, dense):
+    def __init__(self, raw: np.ndarray, ggml_type, dense, bf16_prefill: bool = False):
         from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
         from hybrid_runtime.quant import kernels
 
-        self.raw, self.spec, self.dense, self._k = raw, kernels.CPU_KERNELS[ggml_type], dense, kernels
-        self._min_tokens = TORCH_MIN_TOKENS
+        self.raw, self.ggml_type, self.spec, self.dense, self._k = raw, ggml_type, kernels.CPU_KERNELS[ggml_type], dense, kernels
+        self._min_tokens, self.bf16_prefill = TORCH_MIN_TOKENS, bf16_prefill
+
+    def chunk_dtype(self, n_tokens: int) -> torch.dtype | None:
+        """The dtype the attention around this matrix may compute a chunk of n_tokens in (None:
+        float32): bf16 where this matrix itself runs in bf16."""
+        return torch.bfloat16 if self.bf16_prefill and n_tokens >= self._min_tokens else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T, H, _ = x.shape  # [T, H, in]
+        if T >= self._min_tokens and self.bf16_prefill:  # dequantized to a reused bf16 buffer, as KernelLinear
+            from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
+
+            n_h, n_out, rb = self.raw.shape
+            cols = x.shape[-1]
+            bits = dequantize_bf16(self.ggml_type, self.raw.reshape(n_h * n_out, rb), bf16_buffer("head", n_h * n_out, cols))
+            return torch.einsum("thi,hoi->tho", x.to(torch.bfloat16), as_bf16(bits).view(n_h, n_out, cols)).float()
         if T >= self._min_tokens:
             return self.dense()(x)
         acts = self._k.quantize_acts(self.spec.act, np.ascontiguousarray(x.detach().numpy().reshape(T * H, -1)))
@@ -223,7 +235,7 @@ class RoundedWeights(FloatWeights):
         ref = self.gf.tensor(name)
         dense = lambda: RoundedHeadLinear(self.matrix(name), ref.ggml_type)  # noqa: E731
         if self.kernels and ref.ggml_type in CPU_KERNELS and ref.data.ndim == 3:
-            return KernelHeadLinear(ref.data, ref.ggml_type, dense)
+            return KernelHeadLinear(ref.data, ref.ggml_type, dense, self.bf16_prefill)
         return dense()
 
     def embedding(self, name: str) -> RowEmbedding:
