@@ -61,6 +61,20 @@ def test_pair_combine_matches_numpy():
     base = rng.standard_normal((T, D)).astype(np.float32)
     np.testing.assert_allclose(scatter_pairs(base.copy(), T, route, y), base + ref, rtol=1e-5, atol=1e-5)
 
+    # mixed sources: a random subset of the pairs as bf16 rows (exact in float32), the rest float32
+    P = len(route.pair_token)
+    in16 = rng.random(P) < 0.5
+    y_bf = torch.from_numpy(y).to(torch.bfloat16).float().numpy()
+    y16 = y_bf.view(np.uint32) >> 16
+    row32 = np.full(P, -1, np.int64)
+    row32[~in16] = np.arange(int((~in16).sum()))
+    y_mix = np.where(in16[:, None], y_bf, y)
+    ref_mix = np.zeros((T, D), np.float64)
+    for p, slot in enumerate(route.pair_slot):
+        ref_mix[slot // K] += np.float64(route.pair_weight[p]) * y_mix[p]
+    got = scatter_pairs(None, T, route, y[~in16], y16.astype(np.uint16), row32)
+    np.testing.assert_allclose(got, ref_mix, rtol=1e-5, atol=1e-6)
+
 
 def test_vectorizable_exp_matches_numpy():
     import numba

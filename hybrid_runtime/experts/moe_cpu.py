@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from hybrid_runtime.errors import HybridError
+from hybrid_runtime.quant.floatbits import f32_bits
 from hybrid_runtime.quant.kernels import CPU_KERNELS, QuantActs, grouped_matmul, quantize_acts
 
 _FLOAT_TYPES = (QT.F32, QT.F16)
@@ -152,32 +153,41 @@ def check_input(x: np.ndarray, experts: ExpertWeights, ff_range) -> tuple[np.nda
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _combine(y, pair_slot, pair_weight, n_tok, k, out, add):
-    """out[t] (+)= sum over k of pair_weight[p] * y[p] for the pairs p of token t, in slot order."""
+def _combine(y, y16, row32, pair_slot, pair_weight, n_tok, k, out, add):
+    """out[t] (+)= sum over k of pair_weight[p] * y_p for the pairs p of token t, in slot order;
+    y_p is y[row32[p]] (float32) where row32[p] >= 0, else y16[p] (bf16 bits, exact in float32)."""
     pair_of = np.full(n_tok * k, -1, np.int64)
     for p in range(pair_slot.shape[0]):
         pair_of[pair_slot[p]] = p
     for t in numba.prange(n_tok):
-        for d in range(y.shape[1]):
+        for d in range(out.shape[1]):
             acc = np.float32(0.0)
             first = True
             for j in range(k):
                 p = pair_of[t * k + j]
                 if p < 0:
                     continue
-                v = pair_weight[p] * y[p, d]
+                r = row32[p]
+                v = pair_weight[p] * (y[r, d] if r >= 0 else f32_bits(np.int32(np.int64(y16[p, d]) << 16)))
                 acc = v if first else acc + v
                 first = False
             out[t, d] = out[t, d] + acc if add else acc
 
 
-def scatter_pairs(out: np.ndarray | None, n_tok: int, route: Routing, y: np.ndarray) -> np.ndarray:
-    """out[t] += sum over the K pairs p of token t of pair_weight[p] * y[p] (in slot order)."""
+def scatter_pairs(out: np.ndarray | None, n_tok: int, route: Routing, y: np.ndarray,
+                  y16: np.ndarray | None = None, row32: np.ndarray | None = None) -> np.ndarray:
+    """out[t] += sum over the K pairs p of token t of pair_weight[p] * y_p (in slot order).
+
+    y_p = y[p] float32 [P, D]; or, given y16 (bf16 bits uint16 [P, D]) and row32 [P], y[row32[p]]
+    where row32[p] >= 0 and y16[p] elsewhere."""
     n_slots = route.n_slots if route.n_slots >= 0 else len(route.pair_slot)
     k = n_slots // n_tok if n_tok else 1
-    target = out if out is not None else np.empty((n_tok, y.shape[1]), np.float32)
-    _combine(np.ascontiguousarray(y, np.float32), route.pair_slot, route.pair_weight, n_tok, k, target,
-             out is not None)
+    d = y.shape[1] if y16 is None else y16.shape[1]
+    target = out if out is not None else np.empty((n_tok, d), np.float32)
+    if y16 is None:
+        y16, row32 = np.zeros((0, d), np.uint16), np.arange(len(route.pair_slot), dtype=np.int64)
+    _combine(np.ascontiguousarray(y, np.float32).reshape(-1, d), y16, row32, route.pair_slot, route.pair_weight,
+             n_tok, k, target, out is not None)
     return target
 
 

@@ -36,8 +36,8 @@ def configure_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _expert_torch(x: torch.Tensor, experts: ExpertWeights, e: int, f0: int, f1: int) -> torch.Tensor:
-    """One expert's FFN for the tokens x bf16 [n, D] -> float32 [n, D]: the weights dequantized
+def _expert_torch(x: torch.Tensor, experts: ExpertWeights, e: int, f0: int, f1: int, out: torch.Tensor) -> None:
+    """One expert's FFN for the tokens x bf16 [n, D] into out bf16 [n, D]: the weights dequantized
     straight to bf16 into reused buffers, gate and up in one matmul."""
     gate, up = experts.gate[:, f0:f1], experts.up[:, f0:f1]
     fs, d = f1 - f0, experts.hidden
@@ -45,10 +45,10 @@ def _expert_torch(x: torch.Tensor, experts: ExpertWeights, e: int, f0: int, f1: 
     dequantize_bf16(experts.gate_type, gate[e], wgu[:fs])
     dequantize_bf16(experts.up_type, up[e], wgu[fs:])
     gu = x @ as_bf16(wgu).T                                          # [n, 2 Fs]
-    h = torch.nn.functional.silu(gu[:, :fs]) * gu[:, fs:]            # [n, Fs]
+    h = torch.nn.functional.silu(gu[:, :fs]).mul_(gu[:, fs:])        # [n, Fs]
     wd = dequantize_bf16(experts.down_type, column_slice(experts.down, experts.down_type, f0, f1)[e],
                          bf16_buffer("down", d, fs))                 # [D, Fs]
-    return (h @ as_bf16(wd).T).float()                               # [n, D]
+    torch.matmul(h, as_bf16(wd).T, out=out)                          # [n, D]
 
 
 def _subset(route: Routing, groups: np.ndarray) -> tuple[Routing, np.ndarray]:
@@ -69,15 +69,21 @@ def prefill_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts
     """Same result as moe_forward (float32 [T, D]), choosing per expert between torch and the kernels."""
     x, f0, f1 = check_input(x, experts, ff_range)
     route = group_by_expert(ids, weights, experts.n_expert)
+    if not len(route.pair_token):  # every pair has weight 0
+        return out if out is not None else np.zeros_like(x)
     big = np.diff(route.group_offsets) >= torch_min_tokens
-    y = np.empty((len(route.pair_token), experts.hidden), np.float32)  # [P, D]
+    if not big.any():
+        return scatter_pairs(out, x.shape[0], route, expert_pairs_forward(x, route, experts, f0, f1))
     small_route, small_pairs = _subset(route, np.flatnonzero(~big))
-    if len(small_pairs):
-        y[small_pairs] = expert_pairs_forward(x, small_route, experts, f0, f1)
-    xb = torch.from_numpy(x).to(torch.bfloat16) if big.any() else None  # rounded once, gathered per expert
+    row32 = np.full(len(route.pair_token), -1, np.int64)  # the float32 row of each small pair
+    row32[small_pairs] = np.arange(len(small_pairs))
+    y32 = expert_pairs_forward(x, small_route, experts, f0, f1) if len(small_pairs) \
+        else np.zeros((0, experts.hidden), np.float32)
+    y16 = bf16_buffer("pairs", len(route.pair_token), experts.hidden)  # big pairs: bf16 rows, exact in float32
+    yb = as_bf16(y16)
+    xb = torch.from_numpy(x).to(torch.bfloat16)  # rounded once, gathered per expert
     tokens = torch.from_numpy(route.pair_token)
     for g in np.flatnonzero(big):
         lo, hi = route.group_offsets[g], route.group_offsets[g + 1]
-        xt = xb.index_select(0, tokens[lo:hi])
-        y[lo:hi] = _expert_torch(xt, experts, int(route.group_expert[g]), f0, f1).numpy()
-    return scatter_pairs(out, x.shape[0], route, y)
+        _expert_torch(xb.index_select(0, tokens[lo:hi]), experts, int(route.group_expert[g]), f0, f1, yb[lo:hi])
+    return scatter_pairs(out, x.shape[0], route, y32, y16, row32)
