@@ -157,3 +157,43 @@ def test_odd_block_count_q8_0():
     x = rng.standard_normal((3, 32 * 7)).astype(np.float32)
     exact = _dequant_acts(QT.Q8_0, x).astype(np.float64) @ dequantize(raw, QT.Q8_0).astype(np.float64).T
     assert rel_l2(kernels.matmul(QT.Q8_0, raw, x), exact) < 2e-5
+
+
+_PREFETCH_PROBE = """
+import sys, numpy as np
+from gguf import GGMLQuantizationType as QT
+from hybrid_runtime.quant import kernels, vnni
+raw = np.load(sys.argv[1]); x = np.load(sys.argv[2])
+print(vnni.PREFETCH_BYTES)
+np.save(sys.argv[3], kernels.matmul(QT[sys.argv[4]], raw, x))
+"""
+
+
+@pytest.mark.skipif(not has_avx512_vnni(), reason="the prefetches are in the VNNI row kernels")
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q8_0])
+def test_prefetching_row_kernels_give_the_same_bits(qtype, tmp_path):
+    """The row kernels built with and without prefetches (a compile-time choice per CPU vendor,
+    HYBRID_RUNTIME_PREFETCH_BYTES overrides it; its own Numba cache) compute the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng()
+    raw = random_blocks(qtype, int(rng.integers(40, 200)), 256 * int(rng.integers(2, 9)), rng)
+    x = rng.standard_normal((int(rng.integers(1, 4)), raw.shape[1] // GGML_QUANT_SIZES[qtype][1]
+                             * GGML_QUANT_SIZES[qtype][0])).astype(np.float32)
+    np.save(tmp_path / "raw.npy", raw)
+    np.save(tmp_path / "x.npy", x)
+    outs = []
+    for ahead in ("0", "1024"):
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+        env["HYBRID_RUNTIME_PREFETCH_BYTES"] = ahead
+        out = tmp_path / f"y{ahead}.npy"
+        res = subprocess.run([sys.executable, "-c", _PREFETCH_PROBE, str(tmp_path / "raw.npy"), str(tmp_path / "x.npy"),
+                              str(out), qtype.name], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.split()[-1] == ahead
+        outs.append(np.load(out))
+    exact = _dequant_acts(qtype, x).astype(np.float64) @ dequantize(raw, qtype).astype(np.float64).T
+    assert np.array_equal(outs[0], outs[1])
+    assert rel_l2(outs[0], exact) < 2e-5

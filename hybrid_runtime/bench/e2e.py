@@ -98,6 +98,7 @@ def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode
     import hybrid_runtime as hr
 
     from hybrid_runtime.cpu.step import threading_layer
+    from hybrid_runtime.quant.cpu_features import prefetch_bytes
 
     t0 = time.perf_counter()
     model = hr.load(path, threads=threads, n_ctx=max(n_prompt, decode_prompt) + n_gen + 64, **load_opts)
@@ -106,6 +107,7 @@ def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode
     model.forward([1], model.new_cache())  # the first step: Numba compiles here, or loads its cache
     out: dict = {"model": str(path), "threads": threads, "n_layer": model.config.n_layer,
                  "path": model.placement_summary(), "threading_layer": threading_layer(),
+                 "prefetch_bytes": prefetch_bytes(),
                  "load_s": load_s, "first_step_s": time.perf_counter() - t0}
     if "decode" in what:
         out["decode"] = {"ours": ours_decode(model, decode_prompt, n_gen), "context": decode_prompt}

@@ -29,6 +29,38 @@ def _llvm_host_flags() -> frozenset[str]:
     return frozenset(name for name, on in feats.items() if on)
 
 
+PREFETCH_ENV = "HYBRID_RUNTIME_PREFETCH_BYTES"  # override: how far ahead the row kernels prefetch
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def prefetch_bytes() -> int:
+    """How many bytes ahead the row kernels prefetch weight blocks into L2 (0: not at all).
+
+    Measured, medium-12L decode after 512 tokens, 2 threads: on an Intel Xeon (hardware
+    prefetcher restarting at every 4 KiB page) 2 KB ahead read random experts at 20.6 GB/s against
+    14.8 without; on AMD Zen 4 the same prefetches cost speed (22.6 / 24.8 t/s with, 36.6 / 30.4
+    without), so only Intel CPUs get them. HYBRID_RUNTIME_PREFETCH_BYTES overrides (a multiple of 64).
+    """
+    env = os.environ.get(PREFETCH_ENV, "").strip()
+    if env:
+        try:
+            return max(0, int(env)) // 64 * 64
+        except ValueError:
+            pass
+    return 2048 if _cpu_vendor() == "GenuineIntel" else 0
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The host's CPU feature names (cpuinfo spelling, e.g. ``avx512_vnni``), cached."""

@@ -11,6 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from hybrid_runtime.quant.cpu_features import PREFETCH_ENV
+
 _SOURCES = ("quant/kernels.py", "quant/vnni.py", "quant/q8k.py", "quant/cpu_features.py",
             "quant/floatbits.py", "quant/bf16.py", "quant/act_quant.py", "cpu/table.py", "cpu/rows.py", "cpu/layers.py")
 
@@ -25,6 +27,7 @@ def use_versioned_cache_dir() -> None:
     for rel in _SOURCES:
         p = root / rel
         h.update(p.read_bytes() if p.exists() else b"")
+    h.update(os.environ.get(PREFETCH_ENV, "").encode())  # compiled into the row kernels
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hybrid_runtime"
     target = base / f"numba-{h.hexdigest()[:16]}"
     try:

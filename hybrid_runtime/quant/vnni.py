@@ -24,6 +24,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from hybrid_runtime.quant.cpu_features import prefetch_bytes
+
 I8, I16, I32, F32, F16 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType(), ir.HalfType()
 
 
@@ -105,15 +107,18 @@ def _reduce_fadd(builder, v):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
-# Each block's bytes PREFETCH_BYTES ahead are prefetched into L2 (prefetcht2). The hardware
-# prefetcher stops at every 4 KiB page and ramps up again on each new region (an expert is a few
-# hundred KB), so with 2 threads random experts were read at 14.8 GB/s against 41 from cache;
-# 2 KB ahead: 20.6 (mmap), 25.7 (huge pages); 1 KB or 4-8 KB ahead, or into L1, gained less.
-PREFETCH_BYTES = 2048
+# Each block's bytes PREFETCH_BYTES ahead are prefetched into L2 (prefetcht2). On the Intel Xeon
+# measured, the hardware prefetcher stops at every 4 KiB page and ramps up again on each new region
+# (an expert is a few hundred KB), so with 2 threads random experts were read at 14.8 GB/s against
+# 41 from cache; 2 KB ahead: 20.6 (mmap), 25.7 (huge pages); 1 KB or 4-8 KB ahead, or into L1,
+# gained less. On AMD Zen 4 they cost speed instead: cpu_features.prefetch_bytes() decides.
+PREFETCH_BYTES = prefetch_bytes()
 _PREFETCH_L2 = 1  # llvm.prefetch locality 1 = prefetcht2
 
 
 def _prefetch_ahead(builder, pw, w_bytes):  # every cache line of the block PREFETCH_BYTES ahead
+    if not PREFETCH_BYTES:
+        return
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
                                         "llvm.prefetch.p0i8")
     for k in range(0, w_bytes, 64):
