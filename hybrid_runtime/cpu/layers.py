@@ -146,15 +146,94 @@ def axpy_tile(o, i0, p, row, n):
         o[i0 + 7, c] += p7 * x
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
+def dot_tile2(q, stride, r0, r1, n, out):
+    """out[i] += q_i . r0[:n] and out[HT + i] += q_i . r1[:n] for the HT heads i of a tile: two
+    cache rows per pass, so each load of q feeds two accumulators (16 in all)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = np.float32(0.0)
+    for c in range(n):
+        x, y = r0[c], r1[c]
+        q0, q1, q2, q3 = q[c], q[stride + c], q[2 * stride + c], q[3 * stride + c]
+        q4, q5, q6, q7 = q[4 * stride + c], q[5 * stride + c], q[6 * stride + c], q[7 * stride + c]
+        a0 += q0 * x
+        b0 += q0 * y
+        a1 += q1 * x
+        b1 += q1 * y
+        a2 += q2 * x
+        b2 += q2 * y
+        a3 += q3 * x
+        b3 += q3 * y
+        a4 += q4 * x
+        b4 += q4 * y
+        a5 += q5 * x
+        b5 += q5 * y
+        a6 += q6 * x
+        b6 += q6 * y
+        a7 += q7 * x
+        b7 += q7 * y
+    out[0] += a0
+    out[1] += a1
+    out[2] += a2
+    out[3] += a3
+    out[4] += a4
+    out[5] += a5
+    out[6] += a6
+    out[7] += a7
+    out[8] += b0
+    out[9] += b1
+    out[10] += b2
+    out[11] += b3
+    out[12] += b4
+    out[13] += b5
+    out[14] += b6
+    out[15] += b7
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
+def axpy_tile4(o, i0, p, r0, r1, r2, r3, n):
+    """o[i0 + i, :n] += p[i] r0 + p[HT + i] r1 + p[2HT + i] r2 + p[3HT + i] r3 for the HT heads of a
+    tile: four cache rows per pass over o (a quarter of axpy_tile's loads and stores of o)."""
+    (a0, a1, a2, a3, a4, a5, a6, a7) = (p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7])
+    (b0, b1, b2, b3, b4, b5, b6, b7) = (p[8], p[9], p[10], p[11], p[12], p[13], p[14], p[15])
+    (c0, c1, c2, c3, c4, c5, c6, c7) = (p[16], p[17], p[18], p[19], p[20], p[21], p[22], p[23])
+    (d0, d1, d2, d3, d4, d5, d6, d7) = (p[24], p[25], p[26], p[27], p[28], p[29], p[30], p[31])
+    for c in range(n):
+        w, x, y, z = r0[c], r1[c], r2[c], r3[c]
+        o[i0, c] += a0 * w + b0 * x + c0 * y + d0 * z
+        o[i0 + 1, c] += a1 * w + b1 * x + c1 * y + d1 * z
+        o[i0 + 2, c] += a2 * w + b2 * x + c2 * y + d2 * z
+        o[i0 + 3, c] += a3 * w + b3 * x + c3 * y + d3 * z
+        o[i0 + 4, c] += a4 * w + b4 * x + c4 * y + d4 * z
+        o[i0 + 5, c] += a5 * w + b5 * x + c5 * y + d5 * z
+        o[i0 + 6, c] += a6 * w + b6 * x + c6 * y + d6 * z
+        o[i0 + 7, c] += a7 * w + b7 * x + c7 * y + d7 * z
+
+
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def tile_scores(qa, qp, i0, C, R, lat, pe, btab, t, bs, L, scale, sc, LM, mx, acc):
     """sc[(i0+i)*LM + j] = scale * (q_abs . c_j + q_pe . pe_j) for the tile's heads, j < L; mx = max.
-    (fastmath in its own function: an inlined body takes its caller's flags.)"""
-    for j in range(L):
+    Positions go in pairs (dot_tile2), an odd last one alone; which positions pair up depends only
+    on j, so a token's scores do not depend on its batch. (fastmath in its own function: an inlined
+    body takes its caller's flags.) acc: scratch [>= 2 HT]."""
+    qa_t, qp_t = qa[i0 * C:], qp[i0 * R:]
+    j = 0
+    while j + 1 < L:
+        row0, row1 = cache_row(btab, t, j, bs), cache_row(btab, t, j + 1, bs)
+        acc[:2 * HT] = 0.0
+        dot_tile2(qa_t, C, lat[row0], lat[row1], C, acc)
+        dot_tile2(qp_t, R, pe[row0], pe[row1], R, acc)
+        for i in range(HT):
+            v0, v1 = acc[i] * scale, acc[HT + i] * scale
+            sc[(i0 + i) * LM + j] = v0
+            sc[(i0 + i) * LM + j + 1] = v1
+            mx[i0 + i] = max(mx[i0 + i], max(v0, v1))
+        j += 2
+    if j < L:
         row = cache_row(btab, t, j, bs)
-        acc[:] = 0.0
-        dot_tile(qa[i0 * C:], C, lat[row], C, acc)
-        dot_tile(qp[i0 * R:], R, pe[row], R, acc)
+        acc[:HT] = 0.0
+        dot_tile(qa_t, C, lat[row], C, acc)
+        dot_tile(qp_t, R, pe[row], R, acc)
         for i in range(HT):
             v = acc[i] * scale
             sc[(i0 + i) * LM + j] = v
@@ -175,12 +254,22 @@ def softmax_rows(sc, n, LM, L, mx):
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, p):
-    """ol[i0 + i] += p_ij c_j over j < L for the tile's heads (p = softmax weights)."""
-    for j in range(L):
+    """ol[i0 + i] += p_ij c_j over j < L for the tile's heads (p = softmax weights): positions in
+    fours (axpy_tile4), the last L % 4 one by one (fixed by L alone). p: scratch [>= 4 HT]."""
+    j = 0
+    while j + 3 < L:
+        for k in range(4):
+            for i in range(HT):
+                p[k * HT + i] = sc[(i0 + i) * LM + j + k] * mx[i0 + i]
+        axpy_tile4(ol, i0, p, lat[cache_row(btab, t, j, bs)], lat[cache_row(btab, t, j + 1, bs)],
+                   lat[cache_row(btab, t, j + 2, bs)], lat[cache_row(btab, t, j + 3, bs)], C)
+        j += 4
+    while j < L:
         row = cache_row(btab, t, j, bs)
         for i in range(HT):
             p[i] = sc[(i0 + i) * LM + j] * mx[i0 + i]
         axpy_tile(ol, i0, p, lat[row], C)
+        j += 1
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -217,7 +306,7 @@ def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, 
                 qp[i * R: (i + 1) * R] = 0.0
             mx[i] = -np.inf
         L = pos[t] + 1
-        acc = sc[n_pad * LM: n_pad * LM + HT]  # the tile's accumulators
+        acc = sc[n_pad * LM: n_pad * LM + 4 * HT]  # the tile's accumulators / weights
         for i0 in range(0, n_pad, HT):
             tile_scores(qa, qp, i0, C, R, lat, pe, btab, t, bs, L, scale, sc, LM, mx, acc)
         softmax_rows(sc, n_pad, LM, L, mx)

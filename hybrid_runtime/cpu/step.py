@@ -161,7 +161,7 @@ class CompiledDeepSeek2:
             O=np.zeros((T, H * c.v_head), np.float32), Y2=np.zeros((T, c.n_embd), np.float32),
             Yx=np.zeros((P, 2 * F), np.float32), Yd=np.zeros((P, c.n_embd), np.float32),
             q_abs=np.zeros((n_th, hgp * c.kv_lora_rank), np.float32), qpe=np.zeros((n_th, hgp * c.qk_rope), np.float32),
-            scores=np.zeros((n_th, self._L.HT), np.float32), mx=np.zeros((n_th, hgp), np.float32),
+            scores=np.zeros((n_th, 4 * self._L.HT), np.float32), mx=np.zeros((n_th, hgp), np.float32),
             olat=np.zeros((n_th, hgp, c.kv_lora_rank), np.float32),
             ids=np.zeros((T, K), np.int64), wts=np.zeros((T, K), np.float32), probs=np.zeros(E, np.float32),
             sel=np.zeros(E, np.float32), counts=np.zeros(E, np.int64), offsets=np.zeros(E + 1, np.int64),
@@ -171,7 +171,7 @@ class CompiledDeepSeek2:
     def _fit_context(self, n_ctx: int) -> None:
         hgp = self.s.mx.shape[1]
         if self.dm[self._L.D_LMAX] < n_ctx:  # scores: [threads, padded heads per group * n_ctx + a tile]
-            self.s = self.s._replace(scores=np.zeros((self.s.scores.shape[0], hgp * n_ctx + self._L.HT), np.float32))
+            self.s = self.s._replace(scores=np.zeros((self.s.scores.shape[0], hgp * n_ctx + 4 * self._L.HT), np.float32))
             self.dm[self._L.D_LMAX] = n_ctx
         if self.rope._cos.shape[0] < n_ctx:
             self.rope._table(n_ctx)
