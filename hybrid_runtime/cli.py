@@ -414,6 +414,10 @@ def _bench_model(model, threads, compare, as_json, plot, what, n_prompt, n_gen, 
         if kind == "decode":
             line += (f"  ({1e6 * d['ours']['per_layer_s']:.0f} µs/layer, of which "
                      f"{1e6 * d['ours']['overhead_per_layer_s']:.0f} µs outside the kernels; context {d['context']})")
+            b = d["bandwidth"]
+            line += (f"\n  reads {b['bytes_per_step'] / 1e6:.0f} MB per token at {b['effective_gbs']:.1f} GB/s = "
+                     f"{b['fraction_before']:.2f} / {b['fraction_after']:.2f} of the read bandwidth measured "
+                     f"right before / after ({b['read_gbs_before']:.1f} / {b['read_gbs_after']:.1f} GB/s)")
         console.print(line + f"  [{threads} threads]")
 
 

@@ -46,8 +46,25 @@ def test_verify_agrees_with_llama_cpp(model):
 def test_bench_decode_json(model):
     r = run("bench", "decode", model, "--n-gen", "4", "--threads", "1", "--json")
     assert r.returncode == 0
-    d = json.loads(r.stdout)["decode"]["ours"]
+    out = json.loads(r.stdout)["decode"]
+    d = out["ours"]
     assert d["tokens_per_s"] > 0 and 0 <= d["overhead_per_layer_s"] <= d["per_layer_s"]
+    # bytes per step, counted independently with gguf's reader: all tensors but the token embedding
+    # (gathered, not read whole, unless the head is tied to it), the routed experts at K / E
+    from gguf import GGUFReader
+
+    reader = GGUFReader(model)
+    field = lambda key: int(reader.fields[key].parts[-1][0])  # noqa: E731
+    arch = "deepseek2"
+    k, e = field(f"{arch}.expert_used_count"), field(f"{arch}.expert_count")
+    names = {t.name: int(t.n_bytes) for t in reader.tensors}
+    expect = sum(n * k // e if "_exps" in name else n for name, n in names.items() if name != "token_embd.weight")
+    if "output.weight" not in names:
+        expect += names["token_embd.weight"]
+    b = out["bandwidth"]
+    assert b["bytes_per_step"] == expect
+    assert b["read_gbs_before"] > 0 and b["read_gbs_after"] > 0
+    assert abs(b["effective_gbs"] - expect / d["step_s"] / 1e9) < 1e-6 * b["effective_gbs"]
 
 
 @pytest.mark.parametrize("args", [["generate"], ["generate", "x.gguf", "-p", "hi", "--temp", "abc"],

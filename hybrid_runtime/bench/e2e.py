@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from hybrid_runtime.bench.kernels import measure_read_bandwidth
 from hybrid_runtime.oracle import open_llama
 from hybrid_runtime.util import quiet_stderr
 
@@ -93,6 +94,24 @@ def llama_prefill(path, threads: int, n_prompt: int, betas, repeats: int = 2) ->
         gc.collect()
 
 
+def step_bytes(gf, cfg) -> int:
+    """Bytes one decode step reads: every layer's non-expert tensors and K of its routed experts,
+    the output norm and head (the embedding: one row, left out)."""
+    from hybrid_runtime.bench.roofline import layer_active_bytes
+
+    head = "token_embd.weight" if cfg.tied_output else "output.weight"
+    rest = sum(gf.tensors[n].n_bytes for n in (head, "output_norm.weight") if n in gf.tensors)
+    return sum(layer_active_bytes(gf, cfg, i) for i in range(cfg.n_layer)) + rest
+
+
+def _judge_bandwidth(nbytes: int, ours: dict, before: float, after: float) -> dict:
+    """The decode step's effective read rate against the streaming read bandwidth measured right
+    before and right after it (GB/s; this machine's bandwidth can flip between states)."""
+    gbs = nbytes / ours["step_s"] / 1e9
+    return {"bytes_per_step": nbytes, "effective_gbs": gbs, "read_gbs_before": before, "read_gbs_after": after,
+            "fraction_before": gbs / before, "fraction_after": gbs / after}
+
+
 def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode_prompt: int = 16,
                 compare: bool = False, what: tuple[str, ...] = ("decode", "prefill"), **load_opts) -> dict:
     import hybrid_runtime as hr
@@ -110,7 +129,10 @@ def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode
                  "prefetch_bytes": prefetch_bytes(),
                  "load_s": load_s, "first_step_s": time.perf_counter() - t0}
     if "decode" in what:
+        before = measure_read_bandwidth(threads, nbytes=1 << 30)
         out["decode"] = {"ours": ours_decode(model, decode_prompt, n_gen), "context": decode_prompt}
+        out["decode"]["bandwidth"] = _judge_bandwidth(step_bytes(model.file, model.config), out["decode"]["ours"],
+                                                      before, measure_read_bandwidth(threads, nbytes=1 << 30))
     if "prefill" in what:
         out["prefill"] = {"ours": ours_prefill(model, n_prompt), "tokens": n_prompt}
     betas = model.yarn_betas
