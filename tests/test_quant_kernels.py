@@ -151,10 +151,12 @@ def test_env_switch_forces_the_portable_kernels(monkeypatch):
     assert rel_l2(kernels.matmul(QT.Q4_K, raw, x), exact) < 2e-5
 
 
-def test_odd_block_count_q8_0():
+@pytest.mark.parametrize("n_blocks", [1, 2, 3, 4, 5, 6, 7, 9, 14])
+def test_every_block_count_q8_0(n_blocks):
+    """Q8_0 rows go four blocks at a time, then a pair, then a single block: every remainder."""
     rng = np.random.default_rng()
-    raw = random_blocks(QT.Q8_0, 7, 32 * 7, rng)
-    x = rng.standard_normal((3, 32 * 7)).astype(np.float32)
+    raw = random_blocks(QT.Q8_0, 7, 32 * n_blocks, rng)
+    x = rng.standard_normal((3, 32 * n_blocks)).astype(np.float32)
     exact = _dequant_acts(QT.Q8_0, x).astype(np.float64) @ dequantize(raw, QT.Q8_0).astype(np.float64).T
     assert rel_l2(kernels.matmul(QT.Q8_0, raw, x), exact) < 2e-5
 

@@ -27,7 +27,7 @@ use_versioned_cache_dir()
 from hybrid_runtime.quant import vnni  # noqa: E402
 from hybrid_runtime.quant.floatbits import f16_round  # noqa: E402
 from hybrid_runtime.quant.kernels import (K_Q2_K, K_Q3_K, K_Q4_K, K_Q5_K, K_Q6_K, K_Q8_0,  # noqa: E402
-                                          q80_block_dot)
+                                          q80_block_dot, q80_pairs_dot)
 from hybrid_runtime.cpu.table import K_F32, M_COLS, M_ESTRIDE, M_KIND, M_NB, M_OFF, M_ROWS, M_RSTRIDE  # noqa: E402
 
 ACT_NONE, ACT_Q8_K, ACT_Q8_0 = 0, 1, 2
@@ -142,7 +142,7 @@ def row_dot(kind, nb, cols, w, wo, X, kq, kn, kd, ks, zq, zd, zs, a):
     if kind == K_Q3_K:
         return vnni.q3k_row_dot(w, wo, kq, a * kq.shape[1], ks, a * ks.shape[1], kd, a * kd.shape[1], nb)
     if kind == K_Q8_0:
-        v = vnni.q80_row_dot(w, wo, zq, a * zq.shape[1], zs, a * zs.shape[1], zd, a * zd.shape[1], nb // 2)
+        v = q80_pairs_dot(w, wo, zq, a * zq.shape[1], zs, a * zs.shape[1], zd, a * zd.shape[1], nb // 2)
         if nb % 2:
             last = nb - 1
             v += q80_block_dot(w, wo + 34 * last, zq[a], 32 * last, zd[a], zs[a], last)

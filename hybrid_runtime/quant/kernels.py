@@ -190,6 +190,16 @@ def _row_dot_portable(kind, w, x, xd, xs):  # w [row_bytes] u8, x [cols] i8, xd/
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def q80_pairs_dot(w, wo, x, xo, s, so, d, do, n_pairs):
+    """The first 2 * n_pairs Q8_0 blocks of a row: four at a time, then a last pair (VNNI)."""
+    nq = n_pairs // 2
+    v = vnni.q80_quad_row_dot(w, wo, x, xo, s, so, d, do, nq)
+    if n_pairs % 2:
+        v += vnni.q80_row_dot(w, wo + 136 * nq, x, xo + 128 * nq, s, so + 4 * nq, d, do + 4 * nq, 1)
+    return v
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _row_dot_vnni(kind, w, wo, xq, xd, xs, t):  # w: whole weight array, wo: byte offset of the row
     nb = xd.shape[1]
     xo, so, do = t * xq.shape[1], t * xs.shape[1], t * nb
@@ -203,7 +213,7 @@ def _row_dot_vnni(kind, w, wo, xq, xd, xs, t):  # w: whole weight array, wo: byt
         return vnni.q2k_row_dot(w, wo, xq, xo, xs, so, xd, do, nb)
     if kind == K_Q3_K:
         return vnni.q3k_row_dot(w, wo, xq, xo, xs, so, xd, do, nb)
-    return vnni.q80_row_dot(w, wo, xq, xo, xs, so, xd, do, nb // 2)  # an odd last block: see caller
+    return q80_pairs_dot(w, wo, xq, xo, xs, so, xd, do, nb // 2)  # an odd last block: see caller
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)

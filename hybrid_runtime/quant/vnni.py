@@ -395,3 +395,27 @@ def _q80_pair(builder, pw, px, ps, pd):
 def q80_row_dot(typingctx, w, wo, x, xo, s, so, xd, do, nb):
     """Q8_0 weight row x Q8_0 activation row, nb = number of block PAIRS -> float32."""
     return _row_signature(w, wo, x, xo, s, so, xd, do, nb), _row_codegen(_q80_pair, (16, 2), 68, 64, 2, 2)
+
+
+def _q80_quad(builder, pw, px, ps, pd):
+    # four blocks per step: two vpdpbusd, and the four scales, sums and corrections as <4 x ...>
+    ps_ = []
+    for k in (0, 2):
+        q = _concat(builder, _load(builder, pw, _vec(I8, 32), 34 * k + 2), _load(builder, pw, _vec(I8, 32), 34 * k + 36))
+        q = builder.xor(q, _splat(I8, 64, -128))
+        ps_.append(_dpbusd(builder, _zero16(builder), q, _load(builder, px, _vec(I8, 64), 32 * k)))
+    h4 = ir.Constant(_vec(F16, 4), None)
+    for k in range(4):
+        h4 = builder.insert_element(h4, _load(builder, pw, F16, 34 * k), ir.Constant(I32, k))
+    s4 = builder.fmul(builder.fpext(h4, _vec(F32, 4)), _load(builder, pd, _vec(F32, 4)))
+    xsum = builder.sext(_load(builder, ps, _vec(I16, 4)), _vec(I32, 4))
+    corr = builder.sub(ir.Constant(_vec(I32, 4), [0] * 4), builder.shl(xsum, _splat(I32, 4, 7)))
+    return [(ps_[0], _pick(builder, s4, [0] * 8 + [1] * 8)), (ps_[1], _pick(builder, s4, [2] * 8 + [3] * 8)),
+            (corr, s4)]
+
+
+@intrinsic
+def q80_quad_row_dot(typingctx, w, wo, x, xo, s, so, xd, do, nq):
+    """Q8_0 weight row x Q8_0 activation row, nq = number of block QUADS -> float32 (per step one
+    vector of the four blocks' scales instead of two scalar ones per pair: fewer instructions)."""
+    return _row_signature(w, wo, x, xo, s, so, xd, do, nq), _row_codegen(_q80_quad, (16, 16, 4), 136, 128, 4, 4)
