@@ -146,9 +146,13 @@ def _row_codegen(block_fn, widths, w_bytes, x_vals, s_vals, d_vals):
                     scale = _splat_f(builder, scale, n)
                 fvec = builder.sitofp(ivec, _vec(F32, n))
                 builder.store(_fma(builder, fvec, scale, builder.load(acc)), acc)
+        by_width = {}  # accumulators of one width are added lane-wise first: one horizontal sum each
+        for n, acc in zip(widths, accs):
+            v = builder.load(acc)
+            by_width[n] = builder.fadd(by_width[n], v) if n in by_width else v
         total = ir.Constant(F32, 0.0)
-        for acc in accs:
-            total = builder.fadd(total, _reduce_fadd(builder, builder.load(acc)))
+        for v in by_width.values():
+            total = builder.fadd(total, _reduce_fadd(builder, v))
         return total
 
     return codegen
