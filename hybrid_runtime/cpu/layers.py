@@ -44,8 +44,9 @@ def rms_norm(x, n, w, wo, eps, out):
     """out[:n] = x[:n] / rms(x[:n]) * va[wo: wo + n] (float32 throughout, as the torch model)."""
     ss = dot(x, 0, x, 0, n)
     r = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(n) + np.float32(eps)))
+    wv = w[wo: wo + n]  # a slice indexed from 0: an offset in every index keeps LLVM from vectorizing
     for i in range(n):
-        out[i] = x[i] * r * w[wo + i]
+        out[i] = x[i] * r * wv[i]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -449,13 +450,18 @@ def group_pairs(ids, T, K, E, counts, offsets, pair_tok, pair_of_slot):
             pair_of_slot[t * K + k] = p
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def silu_mul(Y, n_rows, F, out):
-    """out[p, :F] = silu(Y[p, :F]) * Y[p, F:2F]."""
+    """out[p, :F] = silu(Y[p, :F]) * Y[p, F:2F], the sigmoid through exp_neg. Vectorized: there is
+    no vector exp without SVML, and Numba's default error model checks every division for zero,
+    which keeps a loop scalar (error_model="numpy" drops the check); 5 -> 0.7 ns a value."""
     for p in range(n_rows):
+        g_row, u_row, o_row = Y[p, :F], Y[p, F: 2 * F], out[p, :F]
         for f in range(F):
-            g = Y[p, f]
-            out[p, f] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * Y[p, F + f] if g > -80.0 else np.float32(-0.0)
+            g = g_row[f]
+            e = exp_neg(-abs(g))  # exp(-|g|) in (0, 1]
+            r = np.float32(1.0) / (np.float32(1.0) + e)
+            o_row[f] = g * (r if g >= 0 else e * r) * u_row[f]
 
 
 @numba.njit(cache=True, nogil=True)
