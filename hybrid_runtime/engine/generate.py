@@ -114,14 +114,14 @@ def generate(model: CausalLM, tokenizer, prompt: list[int], params: SamplingPara
         generated.append(token)
         stats.generated_tokens = len(generated)
         lp = top_logprobs(logits, token, params.logprobs) if params.logprobs is not None else (None, None)
-        if token in tokenizer.eog_ids:
+        if token in tokenizer.eog_ids:  # counted in the usage, so listed with its logprob (no text)
             finish = "stop"
+            yield Step("", token, logprob=lp[0], top_logprobs=lp[1])
             break
         text = decoder.push(token)
         if decoder.stopped:
             finish = "stop"
-            if text:
-                yield Step(text, token, logprob=lp[0], top_logprobs=lp[1])
+            yield Step(text, token, logprob=lp[0], top_logprobs=lp[1])
             break
         yield Step(text, token, logprob=lp[0], top_logprobs=lp[1])
         if len(generated) >= params.max_tokens or len(seq.tokens) >= model.n_ctx:
