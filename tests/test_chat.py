@@ -58,7 +58,16 @@ def finish(child):
 
 @pytest.fixture(scope="module")
 def tiny(models_dir):
-    return cached_model("kimi-k2-tiny", "Q4_K_M", models_dir)[0]
+    path = cached_model("kimi-k2-tiny", "Q4_K_M", models_dir)[0]
+    # Numba compiles the compiled step on first use (about a minute on a fresh clone's 2 cores) and
+    # caches it on disk: do it here, so that no pexpect timeout in a chat child waits on it
+    import hybrid_runtime as hr
+
+    with hr.load(path, threads=1, n_ctx=64) as m:
+        cache = m.new_cache()
+        m.forward([1, 2, 3], cache)
+        m.forward([4], cache)
+    return path
 
 
 def test_two_turns_clear_stats(tiny):

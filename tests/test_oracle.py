@@ -116,8 +116,8 @@ def test_greedy_32_tokens_identical_on_f32_model(tiny, preset):
                      Sequence(model.new_cache()))
     ours = [s.token for s in steps if s.token is not None]
     theirs = llama_cpp_greedy(twin, prompt, 32, yarn_betas=model.yarn_betas)
-    # generation ends at an end-of-generation token, which is not emitted as text
-    n = next((i for i, t in enumerate(theirs) if t in model.tokenizer.eog_ids), len(theirs))
+    # generation ends at (and includes, as a step without text) an end-of-generation token
+    n = next((i + 1 for i, t in enumerate(theirs) if t in model.tokenizer.eog_ids), len(theirs))
     assert ours == theirs[:n]
 
 
