@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from hybrid_runtime.bench.kernels import measure_read_bandwidth
+from hybrid_runtime.bench.kernels import ReadBandwidth
 from hybrid_runtime.oracle import open_llama
 from hybrid_runtime.util import quiet_stderr
 
@@ -129,10 +129,12 @@ def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode
                  "prefetch_bytes": prefetch_bytes(),
                  "load_s": load_s, "first_step_s": time.perf_counter() - t0}
     if "decode" in what:
-        before = measure_read_bandwidth(threads, nbytes=1 << 30)
+        bw = ReadBandwidth(1 << 30)  # one buffer for the reads right before and right after
+        before = bw.measure(threads)
         out["decode"] = {"ours": ours_decode(model, decode_prompt, n_gen), "context": decode_prompt}
         out["decode"]["bandwidth"] = _judge_bandwidth(step_bytes(model.file, model.config), out["decode"]["ours"],
-                                                      before, measure_read_bandwidth(threads, nbytes=1 << 30))
+                                                      before, bw.measure(threads))
+        del bw
     if "prefill" in what:
         out["prefill"] = {"ours": ours_prefill(model, n_prompt), "tokens": n_prompt}
     betas = model.yarn_betas

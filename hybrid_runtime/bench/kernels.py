@@ -49,7 +49,7 @@ def _timed(fn, seconds: float) -> float:
     return best
 
 
-class _Bandwidth:
+class ReadBandwidth:
     """A page-touched buffer reused for the before/after bandwidth measurements of a run."""
 
     def __init__(self, nbytes: int):
@@ -58,11 +58,6 @@ class _Bandwidth:
     def measure(self, threads: int, seconds: float = 1.5) -> float:
         numba.set_num_threads(threads)
         return self.buf.nbytes / _timed(lambda: _stream_sum(self.buf, threads), seconds) / 1e9
-
-
-def measure_read_bandwidth(threads: int, nbytes: int = 2 << 30) -> float:
-    """Streaming read bandwidth in GB/s with `threads` Numba threads over `nbytes` (> caches)."""
-    return _Bandwidth(nbytes).measure(threads)
 
 
 def random_weights(qtype: QT, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -109,7 +104,7 @@ def bench_kernels(types=(QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q2_K, QT.Q3_K), 
     """GEMV (T = 1) GB/s of weight bytes per type, weights rotating over > 512 MB, with the
     read bandwidth measured just before and after each type."""
     rng = np.random.default_rng(0)
-    bw = _Bandwidth(bandwidth_bytes)
+    bw = ReadBandwidth(bandwidth_bytes)
     results = []
     for qtype in types:
         qtype = QT[qtype] if isinstance(qtype, str) else QT(qtype)
@@ -144,7 +139,7 @@ def bench_moe_step(threads: int = 2, hidden: int = 7168, n_ff: int = 2048, top_k
     def run():
         moe_forward(x, routes[next(step) % len(routes)], weights, experts)
 
-    bw = _Bandwidth(bandwidth_bytes)
+    bw = ReadBandwidth(bandwidth_bytes)
     before = bw.measure(threads)
     numba.set_num_threads(threads)
     per_step = _timed(run, seconds)

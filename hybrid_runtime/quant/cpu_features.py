@@ -8,15 +8,20 @@ import os
 _FORCE_ENV = "HYBRID_RUNTIME_NO_VNNI"  # set to 1 to force the portable kernels
 
 
-def _proc_cpuinfo_flags() -> frozenset[str]:
+def _cpuinfo(key: str) -> str:
+    """The value of the first /proc/cpuinfo line for `key` ("" where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def _proc_cpuinfo_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo("flags").split())
 
 
 def _llvm_host_flags() -> frozenset[str]:
@@ -30,17 +35,6 @@ def _llvm_host_flags() -> frozenset[str]:
 
 
 PREFETCH_ENV = "HYBRID_RUNTIME_PREFETCH_BYTES"  # override: how far ahead the row kernels prefetch
-
-
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 @functools.cache
@@ -58,7 +52,7 @@ def prefetch_bytes() -> int:
             return max(0, int(env)) // 64 * 64
         except ValueError:
             pass
-    return 2048 if _cpu_vendor() == "GenuineIntel" else 0
+    return 2048 if _cpuinfo("vendor_id") == "GenuineIntel" else 0
 
 
 @functools.cache

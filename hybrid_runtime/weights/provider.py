@@ -182,7 +182,7 @@ class KernelHeadLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T, H, _ = x.shape  # [T, H, in]
-        if T >= self._min_tokens and self.bf16_prefill:  # dequantized to a reused bf16 buffer, as KernelLinear
+        if self.chunk_dtype(T) is not None:  # dequantized to a reused bf16 buffer, as KernelLinear
             from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
 
             n_h, n_out, rb = self.raw.shape
