@@ -121,6 +121,38 @@ class Model:
                 out.append(self.net.logits(hidden[-1:]))
         return torch.cat(out).float().cpu().numpy()
 
+    def forward_batch(self, token_ids: list[int], caches: list) -> np.ndarray:
+        """One new token for each of B sequences, each with its own cache and position -> float32
+        logits [B, vocab]. Where the network batches (the compiled step) the B tokens share one
+        call, every weight (and every expert chosen by several of them) read once; each row is
+        the same bits as `forward([token], cache)` alone."""
+        ids = self._check_ids(token_ids)
+        if len(ids) != len(caches):
+            raise InvalidRequestError(f"{len(ids)} tokens for {len(caches)} sequences")
+        batch = getattr(self.net, "forward_batch", None)
+        if batch is None or len(ids) == 1:
+            return np.concatenate([self.forward([t], c) for t, c in zip(ids, caches)])
+        out = []
+        for i in range(0, len(ids), self.options.prefill_chunk):  # the step's scratch holds a chunk
+            hidden = batch(torch.as_tensor(ids[i: i + self.options.prefill_chunk]), caches[i: i + self.options.prefill_chunk])
+            out.append(self.net.logits(hidden))
+        return torch.cat(out).float().cpu().numpy()
+
+    @property
+    def exact_reuse_unit(self) -> int:
+        """A cached prefix computed by another sequence (or an earlier request) gives the same bits
+        as computing it anew when it spans whole prefill chunks of this many tokens that were
+        computed as prompt chunks; 1 where every token's arithmetic is independent of its chunk
+        (the compiled step with no torch prefill: any prefix, decoded tokens too)."""
+        if hasattr(self.net, "forward_batch") and getattr(self.net, "prefill_net", None) is None:
+            return 1
+        return self.options.prefill_chunk
+
+    def expert_reads(self) -> tuple[int, int] | None:
+        """(routed experts read, bytes) so far where the network counts them (the compiled step)."""
+        reads = getattr(self.net, "expert_reads", None)
+        return reads() if reads is not None else None
+
     def _check_ids(self, token_ids) -> list[int]:
         ids = [int(t) for t in token_ids]
         if not ids:

@@ -208,3 +208,77 @@ def test_real_tiny_model(tmp_path_factory):
         assert b[-1].stats.cached_tokens == len(prompt) - 1
     finally:
         e.close()
+
+
+class BatchingFakeModel(FakeModel):
+    """FakeModel with a forward_batch that records the batch sizes."""
+
+    def __init__(self, delay=0.0):
+        super().__init__(delay)
+        self.batches = []
+
+    def forward_batch(self, ids, caches):
+        time.sleep(self.delay)
+        self.batches.append(len(ids))
+        rows = [FakeModel.forward(self, [t], c)[0] for t, c in zip(ids, caches)]
+        self.forwarded[-len(ids):] = []
+        return np.stack(rows)
+
+
+def test_running_requests_decode_in_one_batched_step(engine_factory):
+    m = BatchingFakeModel(delay=0.005)
+    e = engine_factory(m, max_running=4)
+    handles = [e.submit([i + 1, i + 2], greedy(12)) for i in range(4)]
+    outs = [collect(h) for h in handles]
+    assert max(m.batches) == 4  # all four decoded together once their prompts were in
+    for i, steps in enumerate(outs):  # each sequence's own continuation: (last + 1) mod 31
+        expect = [((i + 2 + k) % (V - 1)) + 1 for k in range(12)]
+        assert [s.token for s in steps if s.token is not None] == expect
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine_factory):
+    m = BatchingFakeModel(delay=0.002)
+    e = engine_factory(m, max_running=2, prefill_chunk=8)
+    first = e.submit([1], greedy(40))
+    wait_running(e)
+    while not m.batches and not first.done:  # the first request is decoding
+        time.sleep(0.005)
+    before = len(m.batches)
+    m.forwarded.clear()
+    second = collect(e.submit(list(range(1, 41)), greedy(2)))
+    assert m.forwarded[:5] == [8, 8, 8, 8, 8]  # 40 prompt tokens in five chunks
+    assert len(m.batches) - before >= 5  # ... with decode steps of the first request between them
+    assert second[-1].finish_reason == "length"
+    collect(first)
+
+
+def test_cache_budget_admits_what_fits_and_rejects_what_never_can(engine_factory):
+    from hybrid_runtime.engine.scheduler import CacheBudgetError
+
+    m = BatchingFakeModel(delay=0.002)
+    e = engine_factory(m, max_running=8, cache_tokens=30)
+    a = e.submit([1, 2], greedy(18))  # reserves 20 tokens
+    b = e.submit([3, 4], greedy(18))  # 20 more would pass 30: waits for a
+    seen = 0
+    while not a.done:
+        seen = max(seen, e.running_count)
+        a.get(timeout=0.05)
+    assert seen == 1
+    assert collect(b)[-1].finish_reason == "length"
+    with pytest.raises(CacheBudgetError, match="budget is 30"):
+        e.submit([1, 2], greedy(40))
+    assert e.stats().reserved_tokens == 0
+
+
+def test_cancelled_sequence_leaves_the_batch(engine_factory):
+    m = BatchingFakeModel(delay=0.01)
+    e = engine_factory(m, max_running=4)
+    keep = e.submit([1], greedy(30))
+    drop = e.submit([2], greedy(1000))
+    while not m.batches or m.batches[-1] < 2:
+        time.sleep(0.005)
+    drop.cancel()
+    steps = collect(drop)
+    assert steps[-1].finish_reason == "cancelled"
+    collect(keep)
+    assert m.batches[-1] == 1  # the rest of keep's steps ran alone

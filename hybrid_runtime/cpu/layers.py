@@ -555,6 +555,9 @@ def model_layers(w, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah, first,
         attention(w, lt, dm, fd, x, T, pos, btab, lat[layer], pe[layer], cos, sin, s, a, ah)
         if lt[F_MOE]:
             moe(w, lt, dm, fd, x, T, s, a)
+            for e in range(dm[D_E]):  # experts this step read (their tokens grouped: each once)
+                if s.offsets[e + 1] > s.offsets[e]:
+                    s.touched[layer] += 1
         else:
             dense_ffn(w, lt, dm, fd, x, T, s, a)
 

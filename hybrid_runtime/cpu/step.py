@@ -30,7 +30,7 @@ from hybrid_runtime.weights.gguf_file import GGUFModelFile
 Weights = namedtuple("Weights", "space mats vecs va layers")
 Acts = namedtuple("Acts", "X kq kn kd ks zq zd zs")
 Scratch = namedtuple("Scratch", "jobs ident Y1 Q O Y2 Yx Yd q_abs qpe scores mx olat ids wts probs sel counts offsets "
-                                "pair_tok pair_of_slot")
+                                "pair_tok pair_of_slot touched")
 _POOL_SEQS = 4  # full contexts the latent pool holds before it grows
 
 
@@ -120,6 +120,10 @@ class CompiledDeepSeek2:
         # row kernels there); it reads and writes the same paged cache
         self.prefill_net, self.prefill_min_tokens = prefill_net, prefill_min_tokens
         self.expert_types = {r.ggml_type for refs in experts.values() for r in refs}
+        # bytes of one routed expert (gate + up + down) per layer, for the expert-read counter
+        self._expert_bytes = np.zeros(cfg.n_layer, np.int64)
+        for i, refs in experts.items():
+            self._expert_bytes[i] = sum(int(r.data.nbytes) for r in refs) // max(cfg.n_expert, 1)
         self.max_tokens = max_tokens
         self.dm, self.fd = self._dims()
         self._scratch(max_tokens)
@@ -165,7 +169,8 @@ class CompiledDeepSeek2:
             olat=np.zeros((n_th, hgp, c.kv_lora_rank), np.float32),
             ids=np.zeros((T, K), np.int64), wts=np.zeros((T, K), np.float32), probs=np.zeros(E, np.float32),
             sel=np.zeros(E, np.float32), counts=np.zeros(E, np.int64), offsets=np.zeros(E + 1, np.int64),
-            pair_tok=np.zeros(T * K, np.int64), pair_of_slot=np.zeros(T * K, np.int64))
+            pair_tok=np.zeros(T * K, np.int64), pair_of_slot=np.zeros(T * K, np.int64),
+            touched=np.zeros(c.n_layer, np.int64))
         self.logit_rows = np.arange(T, dtype=np.int64)
 
     def _fit_context(self, n_ctx: int) -> None:
@@ -177,6 +182,12 @@ class CompiledDeepSeek2:
             self.rope._table(n_ctx)
         self.cos = np.ascontiguousarray(self.rope._cos.numpy())
         self.sin = np.ascontiguousarray(self.rope._sin.numpy())
+
+    def expert_reads(self) -> tuple[int, int]:
+        """(routed experts read, their bytes) over every step so far: an expert chosen by several
+        tokens of a step is read once for all of them."""
+        t = self.s.touched
+        return int(t.sum()), int((t * self._expert_bytes).sum())
 
     def describe(self) -> str:
         return f"all weights on the CPU, compiled step ({threading_layer()} threading layer)"

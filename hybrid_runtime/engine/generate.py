@@ -34,6 +34,7 @@ class Constraint(Protocol):
 class Sequence:
     cache: object
     tokens: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
+    exact: int = 0  # leading tokens whose KV is the same bits a fresh sequence computes (scheduler)
 
 
 @dataclass(slots=True)
@@ -72,18 +73,114 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def prefill(model: CausalLM, seq: Sequence, prompt: list[int]) -> tuple[np.ndarray, int]:
-    """Bring the sequence to `prompt`; returns the last position's logits and how many tokens were reused."""
+def start_prompt(model: CausalLM, seq: Sequence, prompt: list[int], limit: int | None = None) -> int:
+    """Keep the cached prefix the prompt shares, at most `limit` tokens (at least the prompt's
+    last token is recomputed, for its logits); returns how many tokens were reused."""
     if not prompt:
         raise ValueError("empty prompt")
     if len(prompt) > model.n_ctx:
         raise ContextOverflowError(f"the prompt has {len(prompt)} tokens; the context holds {model.n_ctx}")
-    reuse = min(common_prefix(seq.tokens, prompt), len(prompt) - 1)
+    reuse = min(common_prefix(seq.tokens, prompt), len(prompt) - 1, len(prompt) if limit is None else limit)
     seq.cache.truncate(reuse)
     seq.tokens = prompt[:reuse]
+    return reuse
+
+
+def prefill(model: CausalLM, seq: Sequence, prompt: list[int]) -> tuple[np.ndarray, int]:
+    """Bring the sequence to `prompt`; returns the last position's logits and how many tokens were reused."""
+    reuse = start_prompt(model, seq, prompt)
     logits = model.forward(prompt[reuse:], seq.cache)
     seq.tokens = list(prompt)
     return logits[-1], reuse
+
+
+class Decoding:
+    """One sequence's generation as a state machine, so that one loop serves a lone sequence
+    (`generate`) and a batch of them (the scheduler runs one forward for every running sequence).
+
+    The driver feeds the prompt (`pending` tokens, in chunks of its choosing, then `prompt_done`),
+    and after each forward calls `accept(logits)` with the last position's logits: it samples,
+    applies the constraint, stop strings and limits, and returns the Steps to emit. While not
+    `done`, `next_token` is the token the next forward must append."""
+
+    def __init__(self, model: CausalLM, tokenizer, prompt: list[int], params: SamplingParams, seq: Sequence,
+                 should_stop: Callable[[], bool] | None = None, constraint: Constraint | None = None):
+        params.validate()
+        if not prompt:
+            raise ValueError("empty prompt")
+        self.model, self.tokenizer, self.prompt, self.params, self.seq = model, tokenizer, prompt, params, seq
+        self.should_stop, self.constraint = should_stop, constraint
+        self.stats = Stats(prompt_tokens=len(prompt))
+        self.sample = make_sampler(params)
+        self.decoder = StreamDecoder(tokenizer.token_bytes, params.stop)
+        self.generated: list[int] = []
+        self.next_token: int | None = None
+        self.done = False
+        self.started = False
+        self._t0 = self._t1 = 0.0
+
+    # -- the prompt ------------------------------------------------------------------------------
+    def begin(self, limit: int | None = None) -> None:
+        """Reuse what the sequence's cache shares with the prompt, at most `limit` tokens (call
+        right before the first chunk)."""
+        self._t0 = time.perf_counter()
+        self.stats.cached_tokens = start_prompt(self.model, self.seq, self.prompt, limit)
+        self.started = True
+
+    @property
+    def pending(self) -> list[int]:
+        """Prompt tokens not yet in the cache."""
+        return self.prompt[len(self.seq.tokens):] if self.started else list(self.prompt)
+
+    def fed(self, tokens: list[int]) -> None:
+        """The driver appended these tokens (a prompt chunk or next_token) to the cache."""
+        self.seq.tokens.extend(tokens)
+
+    # -- the reply -------------------------------------------------------------------------------
+    def accept(self, logits: np.ndarray) -> list[Step]:
+        """Logits after the prompt or after next_token -> the Steps to emit (the last one carries
+        finish_reason and stats when the sequence ends)."""
+        now = time.perf_counter()
+        if not self.generated:
+            self.stats.prefill_s = now - self._t0
+            self._t1 = now
+        p, model, seq = self.params, self.model, self.seq
+        if self.should_stop is not None and self.should_stop():
+            return self._finish("cancelled", [])
+        generated = self.generated
+        if len(generated) >= p.max_tokens:  # max_tokens 0: the prompt only
+            return self._finish("length", [])
+        if p.ignore_eos and self.tokenizer.eog_ids:
+            logits = logits.copy()
+            logits[list(self.tokenizer.eog_ids)] = -np.inf
+        if self.constraint is None:
+            token = self.sample(logits, self.prompt + generated)
+        else:
+            remaining = min(p.max_tokens - len(generated), model.n_ctx - len(seq.tokens) + 1)
+            token = self.constraint.commit(self.sample(self.constraint.mask(logits, remaining), self.prompt + generated),
+                                           remaining)
+        generated.append(token)
+        self.stats.generated_tokens = len(generated)
+        lp = top_logprobs(logits, token, p.logprobs) if p.logprobs is not None else (None, None)
+        if token in self.tokenizer.eog_ids:  # counted in the usage, so listed with its logprob (no text)
+            return self._finish("stop", [Step("", token, logprob=lp[0], top_logprobs=lp[1])])
+        text = self.decoder.push(token)
+        out = [Step(text, token, logprob=lp[0], top_logprobs=lp[1])]
+        if self.decoder.stopped:
+            return self._finish("stop", out)
+        if len(generated) >= p.max_tokens or len(seq.tokens) >= model.n_ctx:
+            return self._finish("length", out)
+        self.next_token = token
+        return out
+
+    def cancel(self) -> list[Step]:
+        return self._finish("cancelled", [])
+
+    def _finish(self, reason: str, out: list[Step]) -> list[Step]:
+        self.done, self.next_token = True, None
+        self.stats.decode_s = time.perf_counter() - self._t1 if self.generated else 0.0
+        out.append(Step(self.decoder.flush(), None, finish_reason=reason, stats=self.stats))
+        return out
 
 
 def generate(model: CausalLM, tokenizer, prompt: list[int], params: SamplingParams,
@@ -91,43 +188,15 @@ def generate(model: CausalLM, tokenizer, prompt: list[int], params: SamplingPara
              constraint: Constraint | None = None) -> Iterator[Step]:
     """Stream Steps for one sequence; the last Step has finish_reason and stats.
     `constraint` (e.g. engine.grammar.GrammarConstraint) masks the logits and may replace the token."""
-    params.validate()
-    seq = seq or Sequence(model.new_cache())
-    stats = Stats(prompt_tokens=len(prompt))
-    t0 = time.perf_counter()
-    logits, stats.cached_tokens = prefill(model, seq, prompt)
-    stats.prefill_s = time.perf_counter() - t0
-    sample = make_sampler(params)
-    decoder = StreamDecoder(tokenizer.token_bytes, params.stop)
-    generated: list[int] = []
-    finish = "length"
-    t1 = time.perf_counter()
-    while len(generated) < params.max_tokens:
-        if should_stop is not None and should_stop():
-            finish = "cancelled"
-            break
-        if constraint is None:
-            token = sample(logits, prompt + generated)
-        else:
-            remaining = min(params.max_tokens - len(generated), model.n_ctx - len(seq.tokens) + 1)
-            token = constraint.commit(sample(constraint.mask(logits, remaining), prompt + generated), remaining)
-        generated.append(token)
-        stats.generated_tokens = len(generated)
-        lp = top_logprobs(logits, token, params.logprobs) if params.logprobs is not None else (None, None)
-        if token in tokenizer.eog_ids:  # counted in the usage, so listed with its logprob (no text)
-            finish = "stop"
-            yield Step("", token, logprob=lp[0], top_logprobs=lp[1])
-            break
-        text = decoder.push(token)
-        if decoder.stopped:
-            finish = "stop"
-            yield Step(text, token, logprob=lp[0], top_logprobs=lp[1])
-            break
-        yield Step(text, token, logprob=lp[0], top_logprobs=lp[1])
-        if len(generated) >= params.max_tokens or len(seq.tokens) >= model.n_ctx:
-            finish = "length"
-            break
-        logits = model.forward([token], seq.cache)[-1]
-        seq.tokens.append(token)
-    stats.decode_s = time.perf_counter() - t1
-    yield Step(decoder.flush(), None, finish_reason=finish, stats=stats)
+    d = Decoding(model, tokenizer, prompt, params, seq or Sequence(model.new_cache()), should_stop, constraint)
+    d.begin()
+    rest = d.pending
+    logits = model.forward(rest, d.seq.cache)[-1]
+    d.fed(rest)
+    while True:
+        yield from d.accept(logits)
+        if d.done:
+            return
+        token = d.next_token
+        logits = model.forward([token], d.seq.cache)[-1]
+        d.fed([token])

@@ -23,6 +23,7 @@ class SamplingParams:
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # top logprobs to report per token
+    ignore_eos: bool = False  # never end at an end-of-generation token (benchmarks; llama.cpp's ignore_eos)
 
     def validate(self) -> "SamplingParams":
         checks = [

@@ -1,12 +1,23 @@
 """The engine: one worker thread owns the model and every sequence; callers submit requests.
 
-    submit() → waiting (bounded) → running (≤ max_running) → finished → pool (LRU, prefix reuse)
+    submit() → waiting (bounded, FIFO) → running (≤ max_running, within the cache budget)
+             → finished → pool (LRU, prefix reuse)
 
-Each scheduler iteration advances every running request by one `generate` step (the prefill on
-its first step). Today the model runs one sequence per forward call, so several running
-requests interleave token by token; a batched forward replaces `_step_running` alone. Steps go
-back to each caller through its own thread-safe channel, usable from threads (`get`, iteration)
-and from asyncio (`aget`).
+Continuous batching: every iteration admits what fits, gives one prompt chunk to the oldest
+request still prefilling (a long new prompt advances chunk by chunk, so the streams already
+running keep their pace), and runs one batched decode step for every running sequence
+(`Model.forward_batch`: each weight, and each expert chosen by several of the tokens, is read
+once for the whole batch). The same `Decoding` state machine as the lone `generate` loop samples
+and stops each sequence. A new sequence starts from the longest cached prefix it shares with a
+pooled or running sequence (swarm agents with one system prompt): its blocks are shared,
+reference counted, copied on write (cpu/cache.py).
+
+Batch invariance: a sequence's logits are the same bits alone and batched (the compiled step's
+per-token arithmetic does not depend on the batch; prompts are never mixed). With
+`exact_reuse`, a reused prefix is limited to what gives the same bits as computing it anew
+(`Model.exact_reuse_unit`), so a request's output depends on nothing else the server runs.
+Steps go back to each caller through its own thread-safe channel, usable from threads (`get`,
+iteration) and from asyncio (`aget`).
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from hybrid_runtime.engine.generate import Sequence, Step, common_prefix, generate
+from hybrid_runtime.engine.generate import Decoding, Sequence, Step, common_prefix
 from hybrid_runtime.engine.sampling import SamplingParams
 from hybrid_runtime.errors import HybridError, InvalidRequestError
 
@@ -29,11 +40,16 @@ class QueueFullError(HybridError):
     """Too many requests are waiting; try again later (HTTP 503)."""
 
 
+class CacheBudgetError(InvalidRequestError):
+    """The request alone needs more latent cache than the engine's whole budget (HTTP 400)."""
+
+
 class EngineClosedError(HybridError):
     """The engine was shut down."""
 
 
 _END = object()  # put after an error so iteration stops
+_RATE_WINDOW_S = 10.0  # aggregate tokens/s over this window
 
 
 @dataclass(slots=True)
@@ -45,13 +61,33 @@ class Request:
     constraint: object = None  # a generate.Constraint (grammar matcher) for this request, or None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
+    need: int = 0  # latent-cache tokens reserved while it runs
 
 
 @dataclass(slots=True)
 class Running:
     request: Request
     seq: Sequence
-    steps: Iterator[Step]
+    dec: Decoding
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """What /metrics shows of the engine."""
+    running: int
+    waiting: int
+    batch_size: int  # sequences in the last decode step
+    tokens_per_s: float  # tokens generated per second, all sequences, over the last 10 s
+    reserved_tokens: int
+    budget_tokens: int
+    cache_blocks_in_use: int | None  # paged latent cache blocks (shared blocks once)
+    cache_blocks: int | None
+    steps: int  # decode steps so far
+    step_tokens: int  # tokens those steps decoded
+    step_seconds: float
+    expert_reads: int | None  # routed experts read so far (each once per step for all its tokens)
+    expert_bytes: int | None
+    shared_tokens: int  # prompt tokens that started from another sequence's blocks
 
 
 class RequestHandle:
@@ -122,6 +158,9 @@ class SequencePool:
     def __len__(self) -> int:
         return len(self._free)
 
+    def __iter__(self) -> Iterator[Sequence]:
+        return iter(list(self._free))
+
     def acquire(self, prompt: list[int]) -> Sequence:
         """The pooled sequence sharing the longest prefix with `prompt` (else the oldest, else new)."""
         if not self._free:
@@ -134,24 +173,52 @@ class SequencePool:
     def release(self, seq: Sequence) -> None:
         self._free.append(seq)
         while len(self._free) > self.capacity:
-            self._free.pop(0)
+            _drop(self._free.pop(0))
+
+
+def _drop(seq: Sequence) -> None:
+    """Give a sequence's cache blocks back now (a paged cache; others just go away)."""
+    release = getattr(seq.cache, "release", None)
+    if release is not None:
+        release()
 
 
 class Engine:
-    """Owns a loaded model on one worker thread. Thread-safe `submit`; `close` when done."""
+    """Owns a loaded model on one worker thread. Thread-safe `submit`; `close` when done.
 
-    def __init__(self, model, max_queue: int = 16, max_running: int = 1, pool_size: int = 2):
+    max_running: sequences decoded together (the batch); cache_tokens: the latent-cache tokens
+    the running requests may reserve together (each reserves its prompt plus max_tokens, at
+    most the context; None: max_running full contexts); a request waits until both allow it,
+    in arrival order. prefill_chunk: prompt tokens per iteration (default: the model's chunk)."""
+
+    def __init__(self, model, max_queue: int = 16, max_running: int = 1, pool_size: int = 2,
+                 cache_tokens: int | None = None, prefill_chunk: int | None = None, exact_reuse: bool = False):
         if max_queue < 0 or max_running < 1 or pool_size < 0:
             raise InvalidRequestError("max_queue and pool_size must be >= 0 and max_running >= 1")
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_queue, self.max_running = max_queue, max_running
+        self.cache_tokens = cache_tokens if cache_tokens is not None else max_running * model.n_ctx
+        if self.cache_tokens < 1:
+            raise InvalidRequestError("the cache budget must be at least one token")
+        options = getattr(model, "options", None)
+        self.prefill_chunk = prefill_chunk or getattr(options, "prefill_chunk", 512)
+        self.exact_reuse = exact_reuse
+        self.reuse_unit = getattr(model, "exact_reuse_unit", 1) if exact_reuse else 1
+        if self.reuse_unit > 1:  # exact reuse: prompts go in the model's own aligned chunks
+            self.prefill_chunk = self.reuse_unit
+        self._batch = getattr(model, "forward_batch", None)
         self.pool = SequencePool(model.new_cache, pool_size)
         self._waiting: deque[Request] = deque()
         self._running: list[Running] = []
+        self._reserved = 0
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._closed = False
+        self._rate: deque[tuple[float, int]] = deque()
+        self._batch_size = 0
+        self._steps = self._step_tokens = self._shared = 0
+        self._step_s = 0.0
         self._thread = threading.Thread(target=self._loop, name="hybrid-engine", daemon=True)
         self._thread.start()
 
@@ -164,24 +231,61 @@ class Engine:
     def running_count(self) -> int:
         return len(self._running)
 
+    def stats(self) -> EngineStats:
+        now = time.perf_counter()
+        with self._cond:
+            while self._rate and self._rate[0][0] < now - _RATE_WINDOW_S:
+                self._rate.popleft()
+            span = min(_RATE_WINDOW_S, now - self._rate[0][0]) if self._rate else 0.0
+            rate = sum(n for _, n in self._rate) / span if span > 0.5 else 0.0
+            pool = getattr(self._any_cache(), "pool", None)
+            reads = self.model.expert_reads() if hasattr(self.model, "expert_reads") else None
+            return EngineStats(
+                running=len(self._running), waiting=len(self._waiting), batch_size=self._batch_size,
+                tokens_per_s=rate, reserved_tokens=self._reserved, budget_tokens=self.cache_tokens,
+                cache_blocks_in_use=getattr(pool, "blocks_in_use", None), cache_blocks=getattr(pool, "n_blocks", None),
+                steps=self._steps, step_tokens=self._step_tokens, step_seconds=self._step_s,
+                expert_reads=None if reads is None else reads[0], expert_bytes=None if reads is None else reads[1],
+                shared_tokens=self._shared)
+
+    def _any_cache(self):
+        for run in self._running:
+            return run.seq.cache
+        for seq in self.pool:
+            return seq.cache
+        return None
+
+    def need_tokens(self, prompt: list[int], params: SamplingParams) -> int:
+        """Latent-cache tokens a request reserves while it runs."""
+        return min(len(prompt) + params.max_tokens, self.model.n_ctx)
+
     def submit(self, prompt: list[int], params: SamplingParams,
                loop: asyncio.AbstractEventLoop | None = None, constraint=None) -> RequestHandle:
-        """Queue a request; raises QueueFullError when `max_queue` requests already wait.
+        """Queue a request; raises QueueFullError when `max_queue` requests already wait and
+        CacheBudgetError when it could never fit the cache budget.
         `constraint`: a fresh generate.Constraint owned by this request (structured output)."""
         params.validate()
         if not prompt:
             raise InvalidRequestError("the prompt is empty")
+        need = self.need_tokens(prompt, params)
+        if need > self.cache_tokens:
+            raise CacheBudgetError(f"the request needs {need} tokens of latent cache (prompt + max_tokens); "
+                                   f"the server's budget is {self.cache_tokens}: lower max_tokens")
         handle = RequestHandle(self, loop)
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is shut down")
-            busy = len(self._running) >= self.max_running
+            busy = bool(self._waiting) or not self._fits(need)
             if busy and len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"the server is busy ({len(self._waiting)} requests waiting); try again later")
-            handle.request = Request(next(self._ids), list(prompt), params, handle._put, constraint)
+                raise QueueFullError(f"the server is busy ({len(self._running)} running, {len(self._waiting)} "
+                                     "waiting); try again later")
+            handle.request = Request(next(self._ids), list(prompt), params, handle._put, constraint, need=need)
             self._waiting.append(handle.request)
             self._cond.notify()
         return handle
+
+    def _fits(self, need: int) -> bool:
+        return len(self._running) < self.max_running and self._reserved + need <= self.cache_tokens
 
     def _cancel(self, req: Request) -> None:
         with self._cond:
@@ -212,38 +316,124 @@ class Engine:
                 if self._closed and not self._running:
                     return
                 self._admit()
-            self._step_running()
+            self._iteration()
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.max_running and not self._closed:
+        while self._waiting and self._fits(self._waiting[0].need) and not self._closed:
             req = self._waiting.popleft()
-            seq = self.pool.acquire(req.prompt)
-            steps = generate(self.model, self.tokenizer, req.prompt, req.params, seq, req.cancelled.is_set,
-                             req.constraint)
-            self._running.append(Running(req, seq, steps))
+            try:
+                dec = Decoding(self.model, self.tokenizer, req.prompt, req.params, Sequence(None),
+                               req.cancelled.is_set, req.constraint)
+            except Exception as e:  # noqa: BLE001 - reported to its caller
+                req.sink(e)
+                continue
+            self._reserved += req.need
+            self._running.append(Running(req, dec.seq, dec))
 
-    def _step_running(self) -> None:
-        """One scheduler iteration: every running request advances by one step."""
+    def _iteration(self) -> None:
+        """Cancellations, one prompt chunk, one batched decode step."""
         for run in list(self._running):
-            finished, reusable = self._advance(run)
-            if finished:
-                run.steps.close()
-                with self._cond:
-                    self._running.remove(run)
-                    if reusable:
-                        self.pool.release(run.seq)
+            if run.request.cancelled.is_set():
+                self._emit(run, run.dec.cancel())
+        prefilling = next((r for r in self._running if not r.dec.done and r.dec.next_token is None), None)
+        if prefilling is not None:
+            self._guarded([prefilling], lambda: self._prefill_chunk(prefilling))
+        decoding = [r for r in self._running if r.dec.next_token is not None]
+        if decoding:
+            self._guarded(decoding, lambda: self._decode(decoding))
 
-    def _advance(self, run: Running) -> tuple[bool, bool]:
-        """(finished, sequence reusable)."""
+    def _guarded(self, runs: list[Running], work: Callable[[], None]) -> None:
         try:
-            step = next(run.steps)
-        except StopIteration:
-            return True, True
-        except HybridError as e:
-            run.request.sink(e)
-            return True, False
-        except Exception as e:  # a bug: report it to the caller, keep serving others
-            run.request.sink(e)
-            return True, False
-        run.request.sink(step)
-        return step.finish_reason is not None, True
+            work()
+        except Exception as e:  # noqa: BLE001 - a bad request or a bug: tell its callers, keep serving
+            for run in runs:
+                if run in self._running:
+                    run.request.sink(e)
+                    self._finish(run, reusable=False)
+
+    def _prefill_chunk(self, run: Running) -> None:
+        dec = run.dec
+        if not dec.started:
+            self._start(run)
+        seq = dec.seq
+        done = len(seq.tokens)
+        chunk = dec.pending[: self.prefill_chunk - done % self.prefill_chunk]  # aligned to whole chunks
+        logits = self.model.forward(chunk, seq.cache)
+        dec.fed(chunk)
+        if self.reuse_unit == 1 or (done == seq.exact and len(chunk) == self.prefill_chunk):
+            seq.exact = len(seq.tokens)
+        if not dec.pending:
+            self._emit(run, dec.accept(logits[-1]))
+
+    def _decode(self, runs: list[Running]) -> None:
+        tokens = [r.dec.next_token for r in runs]
+        t0 = time.perf_counter()
+        if self._batch is not None:
+            logits = self._batch(tokens, [r.seq.cache for r in runs])
+        else:
+            import numpy as np
+
+            logits = np.concatenate([self.model.forward([t], r.seq.cache) for t, r in zip(tokens, runs)])
+        dt = time.perf_counter() - t0
+        with self._cond:
+            self._batch_size, self._steps = len(runs), self._steps + 1
+            self._step_tokens += len(runs)
+            self._step_s += dt
+        for i, run in enumerate(runs):
+            run.dec.fed([tokens[i]])
+            if self.reuse_unit == 1 and run.seq.exact == len(run.seq.tokens) - 1:
+                run.seq.exact += 1
+            self._emit(run, run.dec.accept(logits[i]))
+
+    def _start(self, run: Running) -> None:
+        """Give the request a cache: the pooled sequence sharing most of its prompt, or blocks
+        shared with a running or pooled sequence when that one shares more."""
+        prompt = run.request.prompt
+        with self._cond:
+            seq = self.pool.acquire(prompt)
+        own = self._reusable(seq, prompt)
+        best, donor = own, None
+        if hasattr(seq.cache, "share_prefix"):
+            for other in [r.seq for r in self._running if r is not run and r.dec.started] + list(self.pool):
+                n = self._reusable(other, prompt)
+                if n > best and getattr(other.cache, "pool", None) is seq.cache.pool:
+                    best, donor = n, other
+        if donor is not None:
+            seq.cache.share_prefix(donor.cache, best)
+            seq.tokens, seq.exact = donor.tokens[:best], best
+            with self._cond:
+                self._shared += best
+        else:
+            seq.cache.truncate(own)
+            seq.tokens, seq.exact = seq.tokens[:own], min(seq.exact, own)
+        run.seq = run.dec.seq = seq
+        run.dec.begin(limit=best)
+
+    def _reusable(self, seq: Sequence, prompt: list[int]) -> int:
+        n = min(common_prefix(seq.tokens, prompt), len(prompt) - 1)
+        if self.exact_reuse:
+            n = min(n, seq.exact) // self.reuse_unit * self.reuse_unit
+        return n
+
+    def _emit(self, run: Running, steps: list[Step]) -> None:
+        now = time.perf_counter()
+        n = sum(1 for s in steps if s.token is not None)
+        if n:
+            with self._cond:
+                self._rate.append((now, n))
+        for step in steps:
+            run.request.sink(step)
+        if run.dec.done:
+            self._finish(run, reusable=True)
+
+    def _finish(self, run: Running, reusable: bool) -> None:
+        with self._cond:
+            if run not in self._running:
+                return
+            self._running.remove(run)
+            self._reserved -= run.request.need
+            if reusable and run.dec.started:
+                self.pool.release(run.seq)
+            elif run.seq.cache is not None:
+                _drop(run.seq)
+            self._cond.notify()
