@@ -199,3 +199,58 @@ def test_prefetching_row_kernels_give_the_same_bits(qtype, tmp_path):
     exact = _dequant_acts(qtype, x).astype(np.float64) @ dequantize(raw, qtype).astype(np.float64).T
     assert np.array_equal(outs[0], outs[1])
     assert rel_l2(outs[0], exact) < 2e-5
+
+
+@pytest.mark.skipif(not has_avx512_vnni(), reason="the VNNI row kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0])
+def test_multi_row_dot_gives_each_rows_bits(qtype):
+    """rows_dot (one weight row unpacked once for 2, 4 or 8 activation rows, as a batched step uses
+    it) returns for every activation row exactly the bits of row_dot for that row alone, and both
+    match the float64 product of gguf's dequantized weights."""
+    import numba
+
+    from hybrid_runtime.cpu import rows
+    from hybrid_runtime.cpu.step import acts
+    from hybrid_runtime.cpu.table import K_F32
+
+    rng = np.random.default_rng()
+    kind = kernels.CPU_KERNELS[qtype].kind
+    for cols in ([512, 2048, 768] if qtype != QT.Q8_0 else [32 * 5, 32 * 6, 32 * 7, 2048, 32 * 3]):
+        n_rows, n_act = 3, 15
+        w = random_blocks(qtype, n_rows, cols, rng)
+        x = rng.standard_normal((n_act, cols)).astype(np.float32)
+        a = acts(n_act, cols)
+        a.X[:, :cols] = x
+        rows.quantize_rows(a.X, n_act, cols, rows.need_of(kind), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
+        nb = cols // GGML_QUANT_SIZES[qtype][0]
+        flat = np.ascontiguousarray(w).reshape(-1)
+        rb = w.shape[1]
+        order = rng.permutation(n_act)
+
+        @numba.njit
+        def both(flat, rb, nb, kind, a, order):
+            one = np.zeros((n_rows, n_act), np.float32)
+            multi = np.zeros((n_rows, n_act), np.float32)
+            for r in range(n_rows):
+                for i in range(n_act):
+                    one[r, order[i]] = rows.row_dot(kind, nb, cols, flat, r * rb, a.X, a.kq, a.kn, a.kd, a.ks,
+                                                    a.zq, a.zd, a.zs, order[i])
+                y4 = rows.rows_dot(kind, nb, flat, r * rb, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs,
+                                   (order[0], order[1], order[2], order[3]))
+                y2 = rows.rows_dot(kind, nb, flat, r * rb, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs,
+                                   (order[4], order[5]))
+                multi[r, order[0]], multi[r, order[1]], multi[r, order[2]], multi[r, order[3]] = y4
+                multi[r, order[4]], multi[r, order[5]] = y2
+                y8 = rows.rows_dot(kind, nb, flat, r * rb, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs,
+                                   (order[7], order[8], order[9], order[10], order[11], order[12], order[13], order[14]))
+                for i in range(8):
+                    multi[r, order[7 + i]] = y8[i]
+                multi[r, order[6]] = rows.row_dot(kind, nb, cols, flat, r * rb, a.X, a.kq, a.kn, a.kd, a.ks,
+                                                  a.zq, a.zd, a.zs, order[6])
+            return one, multi
+
+        one, multi = both(flat, rb, nb, kind, a, order)
+        assert np.array_equal(one.view(np.int32), multi.view(np.int32)), (qtype.name, cols)
+        ref = dequantize(w, qtype).astype(np.float64) @ x.astype(np.float64).T
+        assert rel_l2(multi, ref) < 2e-2, (qtype.name, cols)
+        assert kind != K_F32

@@ -5,8 +5,11 @@ projection goes through.
 A job is (matrix, expert, p0, p1, y_col): for every row r of the matrix (of that expert) and
 every pair p in [p0, p1): Y[p, y_col + r] = W[r] . act[act_row[p]]. The rows of all jobs of a
 call are cut into contiguous chunks, so each thread streams contiguous weight bytes and the
-pairs of a job reuse each row from L1. Each (row, pair) product is computed the same way
-whatever else is in the call: a token's arithmetic does not depend on its batch.
+pairs of a job reuse each row from L1; for the quantized kinds of Q4_K_M files (Q4_K, Q5_K,
+Q6_K, Q8_0) the pairs go 8, 4, then 2 at a time through `rows_dot`, which reads and unpacks each
+weight block once for all of them (the batched step's saving: 2-3x less work per pair, measured
+in docs/benchmarks.md). Each (row, pair) product is computed the same way whatever else is in the
+call, alone or in a group: a token's arithmetic does not depend on its batch.
 
 Activation scratch (rows of a fixed width W, the widest input):
     kq, kn  int8 [rows, W]      Q8_K values, and the same in the Q4_K/Q5_K nibble order
@@ -19,6 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
 from hybrid_runtime.quant.numba_cache import use_versioned_cache_dir
 
@@ -170,6 +174,96 @@ def row_dot(kind, nb, cols, w, wo, X, kq, kn, kd, ks, zq, zd, zs, a):
     return float_dot(w, wo, X[a], cols)
 
 
+def _tmul(t, k):  # (t[0] * k, t[1] * k, ...)
+    raise NotImplementedError
+
+
+def _tadd(t, k):  # (t[0] + k, ...)
+    raise NotImplementedError
+
+
+def _tsum(a, b):  # (a[0] + b[0], ...)
+    raise NotImplementedError
+
+
+def _q80_last(w, wo, zq, zd, zs, a, last):  # the odd last Q8_0 block of the row, per activation row
+    raise NotImplementedError
+
+
+@overload(_tmul, inline="always")
+def _ov_tmul(t, k):
+    if t.count == 2:
+        return lambda t, k: (t[0] * k, t[1] * k)
+    if t.count == 4:
+        return lambda t, k: (t[0] * k, t[1] * k, t[2] * k, t[3] * k)
+    if t.count == 8:
+        return lambda t, k: (t[0] * k, t[1] * k, t[2] * k, t[3] * k, t[4] * k, t[5] * k, t[6] * k, t[7] * k)
+
+
+@overload(_tadd, inline="always")
+def _ov_tadd(t, k):
+    if t.count == 2:
+        return lambda t, k: (t[0] + k, t[1] + k)
+    if t.count == 4:
+        return lambda t, k: (t[0] + k, t[1] + k, t[2] + k, t[3] + k)
+    if t.count == 8:
+        return lambda t, k: (t[0] + k, t[1] + k, t[2] + k, t[3] + k, t[4] + k, t[5] + k, t[6] + k, t[7] + k)
+
+
+@overload(_tsum, inline="always")
+def _ov_tsum(a, b):
+    if a.count == 2:
+        return lambda a, b: (a[0] + b[0], a[1] + b[1])
+    if a.count == 4:
+        return lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3])
+    if a.count == 8:
+        return lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5], a[6] + b[6], a[7] + b[7])
+
+
+@overload(_q80_last, inline="always")
+def _ov_q80_last(w, wo, zq, zd, zs, a, last):
+    def one(w, wo, zq, zd, zs, r, last):
+        return q80_block_dot(w, wo, zq[r], 32 * last, zd[r], zs[r], last)
+
+    one = numba.njit(inline="always")(one)
+    if a.count == 2:
+        return lambda w, wo, zq, zd, zs, a, last: (one(w, wo, zq, zd, zs, a[0], last), one(w, wo, zq, zd, zs, a[1], last))
+    if a.count == 4:
+        return lambda w, wo, zq, zd, zs, a, last: (one(w, wo, zq, zd, zs, a[0], last), one(w, wo, zq, zd, zs, a[1], last),
+                                                   one(w, wo, zq, zd, zs, a[2], last), one(w, wo, zq, zd, zs, a[3], last))
+    if a.count == 8:
+        return lambda w, wo, zq, zd, zs, a, last: (one(w, wo, zq, zd, zs, a[0], last), one(w, wo, zq, zd, zs, a[1], last), one(w, wo, zq, zd, zs, a[2], last), one(w, wo, zq, zd, zs, a[3], last), one(w, wo, zq, zd, zs, a[4], last), one(w, wo, zq, zd, zs, a[5], last), one(w, wo, zq, zd, zs, a[6], last), one(w, wo, zq, zd, zs, a[7], last))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def multi_kind(kind):
+    return kind == K_Q4_K or kind == K_Q5_K or kind == K_Q6_K or kind == K_Q8_0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def rows_dot(kind, nb, w, wo, kq, kn, kd, ks, zq, zd, zs, a):
+    """One weight row . the activation rows of the tuple a (2, 4 or 8 of them; multi_kind(kind)):
+    the weight blocks are unpacked once for all, and each value is bit-identical to row_dot's
+    for that row alone (the same block order and the same operations per row)."""
+    if kind == K_Q8_0:
+        xo, so, do = _tmul(a, zq.shape[1]), _tmul(a, zs.shape[1]), _tmul(a, zd.shape[1])
+        n_pairs = nb // 2
+        nq = n_pairs // 2
+        v = vnni.q80_quad_rows_dot(w, wo, zq, xo, zs, so, zd, do, nq)
+        if n_pairs % 2:
+            v = _tsum(v, vnni.q80_rows_dot(w, wo + 136 * nq, zq, _tadd(xo, 128 * nq), zs, _tadd(so, 4 * nq), zd,
+                                           _tadd(do, 4 * nq), 1))
+        if nb % 2:
+            v = _tsum(v, _q80_last(w, wo + 34 * (nb - 1), zq, zd, zs, a, nb - 1))
+        return v
+    xo, so, do = _tmul(a, kn.shape[1]), _tmul(a, ks.shape[1]), _tmul(a, kd.shape[1])
+    if kind == K_Q4_K:
+        return vnni.q4k_rows_dot(w, wo, kn, xo, ks, so, kd, do, nb)
+    if kind == K_Q5_K:
+        return vnni.q5k_rows_dot(w, wo, kn, xo, ks, so, kd, do, nb)
+    return vnni.q6k_rows_dot(w, wo, kq, xo, ks, so, kd, do, nb)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks):
     """Every job's rows x pairs (see the module docstring); X f32 [act rows, W] for float weights."""
@@ -189,8 +283,27 @@ def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, 
             kind, nb, cols = mats[m, M_KIND], mats[m, M_NB], mats[m, M_COLS]
             wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + r * mats[m, M_RSTRIDE]
             col = jobs[j, 4] + r
-            for p in range(jobs[j, 2], jobs[j, 3]):
+            p, p1 = jobs[j, 2], jobs[j, 3]
+            if multi_kind(kind):  # the row's blocks unpacked once for 8, 4, then 2 pairs
+                while p + 8 <= p1:
+                    y8 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
+                                  (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3],
+                                   act_row[p + 4], act_row[p + 5], act_row[p + 6], act_row[p + 7]))
+                    for i in range(8):
+                        Y[p + i, col] = y8[i]
+                    p += 8
+                if p + 4 <= p1:
+                    y = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
+                                 (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3]))
+                    Y[p, col], Y[p + 1, col], Y[p + 2, col], Y[p + 3, col] = y[0], y[1], y[2], y[3]
+                    p += 4
+                if p + 2 <= p1:
+                    y2 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs, (act_row[p], act_row[p + 1]))
+                    Y[p, col], Y[p + 1, col] = y2[0], y2[1]
+                    p += 2
+            while p < p1:
                 Y[p, col] = row_dot(kind, nb, cols, space, wo, X, kq, kn, kd, ks, zq, zd, zs, act_row[p])
+                p += 1
             r += 1
             if r == mats[m, M_ROWS]:
                 r = 0

@@ -162,6 +162,66 @@ def _row_signature(w, wo, x, xo, s, so, xd, do, nb):
     return types.float32(w, wo, x, xo, s, so, xd, do, nb)
 
 
+def _rows_codegen(block_fn, widths, w_bytes, x_vals, s_vals, d_vals, R):
+    """IR for R activation rows against one weight row: `_row_codegen`'s loop with the body
+    repeated per activation row. The weight loads and their unpacking are the same instructions
+    on the same operands in each copy, so LLVM's value numbering keeps one of each: the block is
+    read and unpacked once for all R rows. Each row's own chain (dot products, fma into its
+    accumulators, the final reduction) is exactly the single-row one, without fast-math flags,
+    so every result is bit-identical to `_row_codegen`'s for that row alone."""
+
+    def codegen(context, builder, signature, args):
+        aw, awo, ax, axo, as_, aso, axd, ado, anb = args
+        sw, _, sx, _, ss, _, sd, _, _ = signature.args
+        xos = [builder.extract_value(axo, r) for r in range(R)]
+        sos = [builder.extract_value(aso, r) for r in range(R)]
+        dos = [builder.extract_value(ado, r) for r in range(R)]
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_vec(F32, n), [0.0] * n)) for n in widths]
+                for _ in range(R)]
+        with cgutils.for_range(builder, anb) as loop:
+            b = loop.index
+            pw = _byte_ptr(context, builder, sw, aw, builder.add(awo, builder.mul(b, ir.Constant(b.type, w_bytes))))
+            _prefetch_ahead(builder, pw, w_bytes)
+            for r in range(R):
+                px = _byte_ptr(context, builder, sx, ax, builder.add(xos[r], builder.mul(b, ir.Constant(b.type, x_vals))))
+                ps = _byte_ptr(context, builder, ss, as_, builder.add(sos[r], builder.mul(b, ir.Constant(b.type, s_vals))), 2)
+                pd = _byte_ptr(context, builder, sd, axd, builder.add(dos[r], builder.mul(b, ir.Constant(b.type, d_vals))), 4)
+                for acc, (ivec, scale) in zip(accs[r], block_fn(builder, pw, px, ps, pd)):
+                    n = ivec.type.count
+                    if not isinstance(scale.type, ir.VectorType):
+                        scale = _splat_f(builder, scale, n)
+                    fvec = builder.sitofp(ivec, _vec(F32, n))
+                    builder.store(_fma(builder, fvec, scale, builder.load(acc)), acc)
+        totals = []
+        for r in range(R):
+            by_width = {}
+            for n, acc in zip(widths, accs[r]):
+                v = builder.load(acc)
+                by_width[n] = builder.fadd(by_width[n], v) if n in by_width else v
+            total = ir.Constant(F32, 0.0)
+            for v in by_width.values():
+                total = builder.fadd(total, _reduce_fadd(builder, v))
+            totals.append(total)
+        return context.make_tuple(builder, signature.return_type, totals)
+
+    return codegen
+
+
+def _rows_intrinsic(block_fn, widths, w_bytes, x_vals, s_vals, d_vals, doc):
+    """An intrinsic f(w, wo, x, xo, s, so, xd, do, nb) whose xo, so, do are equal-length tuples of
+    activation-row offsets; it returns the tuple of their dot products with the weight row."""
+
+    def typer(typingctx, w, wo, x, xo, s, so, xd, do, nb):
+        if not isinstance(xo, types.UniTuple) or not (xo.count == getattr(so, "count", -1) == getattr(do, "count", -1)):
+            return None
+        R = xo.count
+        sig = types.UniTuple(types.float32, R)(w, wo, x, xo, s, so, xd, do, nb)
+        return sig, _rows_codegen(block_fn, widths, w_bytes, x_vals, s_vals, d_vals, R)
+
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
 # ---------------------------------------------------------------------------------------------
 # Q4_K: 144 bytes = d f16 | dmin f16 | scales[12] (8 x 6-bit scale, 8 x 6-bit min) | qs[128]
 # qs[32j + l]: low nibble = value 64j + l (sub-block 2j), high nibble = 64j + 32 + l (2j + 1)
@@ -240,6 +300,9 @@ def q4k_row_dot(typingctx, w, wo, x, xo, s, so, xd, do, nb):
     return _row_signature(w, wo, x, xo, s, so, xd, do, nb), _row_codegen(_q4k_block, (16, 8), 144, 256, 16, 1)
 
 
+q4k_rows_dot = _rows_intrinsic(_q4k_block, (16, 8), 144, 256, 16, 1, "Q4_K row x R Q8_K rows -> R float32.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Q5_K: 176 bytes = d | dmin | scales[12] | qh[32] | qs[128]; value 64j + l = low nibble of
 # qs[32j + l] + 16 * bit 2j of qh[l]; value 64j + 32 + l = high nibble + 16 * bit 2j+1 of qh[l]
@@ -263,6 +326,9 @@ def _q5k_block(builder, pw, px, ps, pd):
 def q5k_row_dot(typingctx, w, wo, x, xo, s, so, xd, do, nb):
     """Q5_K weight row x Q8_K activation row -> float32."""
     return _row_signature(w, wo, x, xo, s, so, xd, do, nb), _row_codegen(_q5k_block, (16, 8), 176, 256, 16, 1)
+
+
+q5k_rows_dot = _rows_intrinsic(_q5k_block, (16, 8), 176, 256, 16, 1, "Q5_K row x R Q8_K rows -> R float32.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +366,9 @@ def _q6k_block(builder, pw, px, ps, pd):
 def q6k_row_dot(typingctx, w, wo, x, xo, s, so, xd, do, nb):
     """Q6_K weight row x Q8_K activation row -> float32."""
     return _row_signature(w, wo, x, xo, s, so, xd, do, nb), _row_codegen(_q6k_block, (16,), 210, 256, 16, 1)
+
+
+q6k_rows_dot = _rows_intrinsic(_q6k_block, (16,), 210, 256, 16, 1, "Q6_K row x R Q8_K rows -> R float32.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +470,9 @@ def q80_row_dot(typingctx, w, wo, x, xo, s, so, xd, do, nb):
     return _row_signature(w, wo, x, xo, s, so, xd, do, nb), _row_codegen(_q80_pair, (16, 2), 68, 64, 2, 2)
 
 
+q80_rows_dot = _rows_intrinsic(_q80_pair, (16, 2), 68, 64, 2, 2, "Q8_0 row x R Q8_0 rows (block pairs).")
+
+
 def _q80_quad(builder, pw, px, ps, pd):
     # four blocks per step: two vpdpbusd, and the four scales, sums and corrections as <4 x ...>
     ps_ = []
@@ -423,3 +495,6 @@ def q80_quad_row_dot(typingctx, w, wo, x, xo, s, so, xd, do, nq):
     """Q8_0 weight row x Q8_0 activation row, nq = number of block QUADS -> float32 (per step one
     vector of the four blocks' scales instead of two scalar ones per pair: fewer instructions)."""
     return _row_signature(w, wo, x, xo, s, so, xd, do, nq), _row_codegen(_q80_quad, (16, 16, 4), 136, 128, 4, 4)
+
+
+q80_quad_rows_dot = _rows_intrinsic(_q80_quad, (16, 16, 4), 136, 128, 4, 4, "Q8_0 row x R Q8_0 rows (block quads).")
