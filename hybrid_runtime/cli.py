@@ -478,6 +478,59 @@ def bench_sweep_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt,
         console.print(line)
 
 
+@bench_app.command("swarm")
+@user_errors
+def bench_swarm_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, as_json: bool = JsonOpt,
+                    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of t/s against clients, with the memory-bound limit"),
+                    clients: str = typer.Option("1,4,16,64", "--clients", help="comma-separated numbers of concurrent clients"),
+                    n_gen: int = typer.Option(32, "--n-gen", min=2, help="tokens each client streams"),
+                    prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=1, help="prompt tokens of each client"),
+                    ttft_prompt: int = typer.Option(512, "--ttft-prompt", min=1, help="prompt tokens of the time-to-first-token probe"),
+                    max_batch: int = typer.Option(32, "--max-batch", min=1, help="the server's --max-batch (above --ttft-streams, so that the probe is admitted while they run)"),
+                    ttft_streams: int = typer.Option(16, "--ttft-streams", min=0, help="streams running while the time-to-first-token probe is sent"),
+                    max_queue: int = typer.Option(16, "--max-queue", min=0, help="the server's --max-queue (more clients get 503 and retry)")):
+    """Concurrent streaming clients against a server on loopback: aggregate and per-stream t/s,
+    time to first token, routed-expert bytes per token, against the memory-bound limit."""
+    from hybrid_runtime.bench.swarm import plot_swarm, swarm
+
+    try:
+        ns = [int(c) for c in clients.split(",") if c.strip()]
+    except ValueError:
+        raise InvalidRequestError(f"--clients must be comma-separated integers, not {clients!r}") from None
+    if not ns or min(ns) < 1:
+        raise InvalidRequestError("--clients must list numbers >= 1")
+
+    def progress(row):
+        if not as_json:
+            console.print(_swarm_line(row))
+
+    r = swarm(model, threads or _usable_cores(), ns, n_gen=n_gen, prompt_tokens=prompt_tokens,
+              ttft_prompt=ttft_prompt, max_batch=max_batch, max_queue=max_queue, ttft_streams=ttft_streams,
+              progress=progress)
+    if plot is not None:
+        r["plot"] = str(plot_swarm(r, plot))
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    t = r["ttft"]
+    console.print(f"time to first token of a {t['prompt_tokens']}-token prompt: idle {t['idle_s']:.2f} s, with "
+                  f"{t['streams']} streams {t['with_streams_s']:.2f} s ({t.get('ratio', float('nan')):.2f}x); "
+                  f"server healthy afterwards: {r['healthy_after']}; read bandwidth {r['read_gbs_before']:.1f} / "
+                  f"{r['read_gbs_after']:.1f} GB/s before / after")
+
+
+def _swarm_line(row: dict) -> str:
+    line = (f"{row['clients']:>3} clients: {row['aggregate_tps']:.1f} t/s aggregate, {row['per_stream_tps']:.1f} per "
+            f"stream, ttft {row['ttft_mean_s'] or 0:.2f} s, served {row['served']}, lost {row['lost']}, "
+            f"503s {row['rejected_503']}")
+    if "mean_batch" in row:
+        line += f"; batch {row['mean_batch']:.1f}, step {1e3 * row['step_s']:.1f} ms = {row['decode_tps']:.1f} t/s decoding"
+    if "bound_step_s" in row:
+        line += (f" vs {1e3 * row['bound_step_s']:.1f} ms memory-bound ({row['step_over_bound']:.2f}x), "
+                 f"{row['expert_bytes_per_token'] / 2**20:.1f} MiB of experts per token")
+    return line
+
+
 @bench_app.command("gpu")
 @user_errors
 def bench_gpu_cmd(model: Path = ModelArg, threads: Optional[int] = ThreadsOpt, as_json: bool = JsonOpt,

@@ -17,4 +17,6 @@ $BIN/hybrid-runtime bench prefill models/medium-12L.gguf --threads $T --compare-
 $BIN/hybrid-runtime bench decode models/k2-scale-1L.gguf --threads $T --compare-llama-cpp --n-gen 24 --json \
     --plot docs/roofline_k2_layer.png > "$OUT/k2_layer_decode.json"
 $BIN/hybrid-runtime bench decode $TINY --threads $T --n-gen 100 --json > "$OUT/tiny_decode_overhead.json"
+$BIN/python scripts/bench_row_groups.py > "$OUT/row_groups.md"
+$BIN/hybrid-runtime bench swarm models/medium-12L.gguf --threads $T --clients 1,4,16,64 --plot docs/swarm_medium.png --json > "$OUT/medium_swarm.json"
 echo "results in $OUT/"

@@ -207,7 +207,7 @@ def test_shutdown_closes_the_model(capsys):
         closed.append(True)
         raise HybridError("could not write the expert profile /x/p.json: No space left on device")
 
-    fake = SimpleNamespace(tokenizer=None, new_cache=lambda: None, close=close)
+    fake = SimpleNamespace(tokenizer=None, new_cache=lambda: None, close=close, n_ctx=64)
     app = create_app(ServerConfig("/nowhere/model.gguf"), loader=lambda path, **opts: fake)
     with TestClient(app) as c:
         deadline = time.monotonic() + 10

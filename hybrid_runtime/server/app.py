@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hybrid_runtime.cli_options import close_model, inert_note
-from hybrid_runtime.engine.scheduler import Engine, EngineClosedError, QueueFullError, RequestHandle
+from hybrid_runtime.engine.scheduler import CacheBudgetError, Engine, EngineClosedError, QueueFullError, RequestHandle
 from hybrid_runtime.errors import ContextOverflowError, HybridError
 from hybrid_runtime.server.metrics import Metrics
 from hybrid_runtime.server.protocol import ParamError, UnknownModelError, check_model, parse_chat, parse_completion
@@ -49,6 +49,9 @@ class ServerConfig:
     load_options: dict = field(default_factory=dict)
     max_queue: int = 16
     keepalive_s: float = 5.0
+    max_batch: int = 16  # sequences decoded together
+    cache_mib: float | None = None  # latent-cache budget of the running requests (None: see cache_budget_tokens)
+    exact_reuse: bool = True  # reuse only prefixes that give the same bits (batch-invariant serving)
 
     @property
     def served_name(self) -> str:
@@ -65,6 +68,21 @@ class ServerState:
     started: float = field(default_factory=time.time)
 
 
+def cache_budget_tokens(model, cfg: ServerConfig) -> int:
+    """Latent-cache tokens the running requests may reserve together: --cache-mib, else
+    max_batch full contexts within a quarter of the memory available now (at least one context)."""
+    c = getattr(model, "config", None)
+    if c is None:  # not a deepseek2 model (tests' stand-ins): full contexts
+        return cfg.max_batch * model.n_ctx
+    per_token = c.n_layer * (c.kv_lora_rank + c.qk_rope) * 4
+    if cfg.cache_mib is not None:
+        return max(1, int(cfg.cache_mib * 2**20 // per_token))
+    import psutil
+
+    fits = int(psutil.virtual_memory().available // 4 // per_token)
+    return max(model.n_ctx, min(cfg.max_batch * model.n_ctx, fits))
+
+
 def default_model_name(path: str) -> str:
     """`kimi-k2-Q4_K_M-00001-of-00013.gguf` → `kimi-k2-Q4_K_M`."""
     return re.sub(r"-\d{5}-of-\d{5}$", "", Path(path).stem)
@@ -74,6 +92,7 @@ def default_model_name(path: str) -> str:
 _STATUS = [  # most specific first
     (UnknownModelError, 404, "invalid_request_error", "model_not_found"),
     (ContextOverflowError, 400, "invalid_request_error", "context_length_exceeded"),
+    (CacheBudgetError, 400, "invalid_request_error", "cache_budget_exceeded"),
     (AuthError, 401, "invalid_request_error", "invalid_api_key"),
     (QueueFullError, 503, "server_error", "server_busy"),
     (NotReadyError, 503, "server_error", "model_not_ready"),
@@ -133,7 +152,9 @@ def _load_model(state: ServerState, cfg: ServerConfig, loader, on_load_error) ->
     t0 = time.perf_counter()
     try:
         model = loader(cfg.model_path, **cfg.load_options)
-        state.engine = Engine(model, max_queue=cfg.max_queue)
+        state.engine = Engine(model, max_queue=cfg.max_queue, max_running=cfg.max_batch,
+                              cache_tokens=cache_budget_tokens(model, cfg), pool_size=max(2, cfg.max_batch),
+                              exact_reuse=cfg.exact_reuse)
         state.model = model
         state.status = "ready"
         print(f"hybrid-runtime: model '{cfg.served_name}' loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -205,7 +226,7 @@ def _install_routes(app: FastAPI, cfg: ServerConfig, state: ServerState) -> None
     async def metrics(request: Request):
         _check_auth(cfg, request)
         e = state.engine
-        text = state.metrics.render(e.queue_length if e else 0, e.running_count if e else 0, state.status == "ready")
+        text = state.metrics.render(e.stats() if e else None, state.status == "ready")
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -19,7 +19,11 @@ def serve_command(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id clients must send (default: the file's stem)."),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", min=1, help="Context length in tokens (default: min(training context, 8192))."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for the expert kernels (default: all cores)."),
-    max_queue: int = typer.Option(16, "--max-queue", min=0, help="Requests that may wait behind the running one; more get HTTP 503."),
+    max_queue: int = typer.Option(16, "--max-queue", min=0, help="Requests that may wait for a place in the batch; more get HTTP 503 with Retry-After."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Requests decoded together in one batched step (continuous batching)."),
+    cache_mib: Optional[float] = typer.Option(None, "--cache-mib", min=0.001, help="Latent-cache budget of the running requests in MiB (default: --max-batch full contexts within a quarter of the free memory)."),
+    exact_reuse: bool = typer.Option(True, "--exact-reuse/--any-reuse", help="Reuse only cached prefixes that give the same bits as computing them anew (a request's output never depends on what else runs), or any shared prefix (faster multi-turn)."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, help="Prompt tokens per step (default 512); below 96 every token runs through the compiled step's per-token kernels and any shared prefix is reused exactly."),
     compute: str = typer.Option("fast", "--compute", help="'fast' (quantized CPU experts) or 'reference' (exact float path)."),
     numa_config: Optional[str] = opt.NumaConfig,
     expert_store: str = opt.ExpertStore,
@@ -43,7 +47,8 @@ def serve_command(
 
     if compute not in ("fast", "reference"):
         raise typer.BadParameter("must be 'fast' or 'reference'", param_hint="--compute")
-    options = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads), ("compute", compute)) if v is not None}
+    options = {k: v for k, v in (("n_ctx", n_ctx), ("threads", threads), ("compute", compute),
+                                 ("prefill_chunk", prefill_chunk)) if v is not None}
     try:
         options.update(opt.load_options(numa_config, expert_store, device, gpu_mem, cpu_moe, n_cpu_moe, override))
         options.update(opt.gpu_path_options(expert_profile, record_routing, speculative_prefetch, cuda_graphs))
@@ -54,7 +59,8 @@ def serve_command(
     except HybridError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1)
-    cfg = ServerConfig(str(model), model_name, api_key, options, max_queue)
+    cfg = ServerConfig(str(model), model_name, api_key, options, max_queue, max_batch=max_batch, cache_mib=cache_mib,
+                       exact_reuse=exact_reuse)
     failed: list[str] = []
     server: uvicorn.Server | None = None
 

@@ -53,7 +53,8 @@ class Metrics:
             if ttft_s is not None:
                 self.ttft.observe(ttft_s)
 
-    def render(self, queue_length: int, running: int, loaded: bool) -> str:
+    def render(self, engine, loaded: bool) -> str:
+        """engine: the Engine's EngineStats (None before the model is loaded)."""
         p = "hybrid_runtime"
         with self.lock:
             lines = [f"# TYPE {p}_requests_total counter"]
@@ -63,6 +64,22 @@ class Metrics:
                 lines += [f"# TYPE {p}_{name} counter", f"{p}_{name} {v}"]
             lines += [f"# TYPE {p}_request_duration_seconds histogram", *self.latency.lines(f"{p}_request_duration_seconds")]
             lines += [f"# TYPE {p}_time_to_first_token_seconds histogram", *self.ttft.lines(f"{p}_time_to_first_token_seconds")]
-        for name, v in (("queue_length", queue_length), ("running_requests", running), ("model_loaded", int(loaded))):
+        e = engine
+        gauges = [("queue_length", e.waiting if e else 0), ("running_requests", e.running if e else 0),
+                  ("model_loaded", int(loaded))]
+        counters = []
+        if e is not None:
+            gauges += [("batch_size", e.batch_size), ("generated_tokens_per_second", round(e.tokens_per_s, 3)),
+                       ("cache_reserved_tokens", e.reserved_tokens), ("cache_budget_tokens", e.budget_tokens)]
+            if e.cache_blocks is not None:
+                gauges += [("cache_blocks_in_use", e.cache_blocks_in_use), ("cache_blocks", e.cache_blocks)]
+            counters += [("decode_steps_total", e.steps), ("decode_step_tokens_total", e.step_tokens),
+                         ("decode_step_seconds_total", round(e.step_seconds, 6)),
+                         ("shared_prefix_tokens_total", e.shared_tokens)]
+            if e.expert_reads is not None:
+                counters += [("expert_reads_total", e.expert_reads), ("expert_read_bytes_total", e.expert_bytes)]
+        for name, v in gauges:
             lines += [f"# TYPE {p}_{name} gauge", f"{p}_{name} {v}"]
+        for name, v in counters:
+            lines += [f"# TYPE {p}_{name} counter", f"{p}_{name} {v}"]
         return "\n".join(lines) + "\n"

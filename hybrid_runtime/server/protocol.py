@@ -102,6 +102,7 @@ def sampling_params(body: dict, n_prompt: int, n_ctx: int, top_logprobs: int | N
         max_tokens=min(max_tokens, max(room, 1)) if max_tokens is not None else max(room, 1),
         stop=_stop(body),
         logprobs=top_logprobs,
+        ignore_eos=_bool(body, "ignore_eos"),
     ).validate()
 
 
