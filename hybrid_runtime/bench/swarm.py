@@ -271,6 +271,9 @@ def plot_swarm(result: dict, out: Path) -> Path:
     n = [r["clients"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(n, [r["aggregate_tps"] for r in rows], "o-", label="aggregate t/s (measured)")
+    dec = [(r["clients"], r["decode_tps"]) for r in rows if "decode_tps" in r]
+    if dec:
+        ax.plot(*zip(*dec), "^-", label="decode steps alone (mean batch / step time)")
     ax.plot(n, [r["per_stream_tps"] for r in rows], "s--", label="per-stream t/s")
     bound = [(r["clients"], r["bound_tps"]) for r in rows if "bound_tps" in r]
     if bound:
