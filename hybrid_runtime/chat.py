@@ -298,8 +298,8 @@ def _setting_type_ok(name: str, value) -> bool:
     if name == "seed":
         return value is None or (isinstance(value, int) and not isinstance(value, bool))
     default = getattr(SamplingParams(), name)
-    if isinstance(value, bool):
-        return False
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
     return isinstance(value, int) if isinstance(default, int) else isinstance(value, (int, float))
 
 

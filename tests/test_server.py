@@ -23,7 +23,10 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    args = ("--n-ctx", str(N_CTX), "--max-queue", "1", "--api-key", KEY, "--model-name", "tiny", "--threads", "1")
+    # a batch of one and a queue of one: the queue test fills both with two requests (batching has
+    # its own server in test_batching.py)
+    args = ("--n-ctx", str(N_CTX), "--max-batch", "1", "--max-queue", "1", "--api-key", KEY, "--model-name", "tiny",
+            "--threads", "1")
     with serve_process(model_path, *args) as (base, _, _):
         yield base
 
