@@ -127,12 +127,17 @@ class Divergence:
                 "kld_p99": self.p99, "kld_max": self.max, "top1_agreement": self.top1}
 
 
-def kl_divergence(base: np.ndarray, this: np.ndarray) -> Divergence:
-    """KL(base || this) per scored position, from two log-probability arrays of the same shape."""
+def kl_per_position(base: np.ndarray, this: np.ndarray) -> np.ndarray:
+    """KL(base || this) at each scored position (float64 [N]), from two log-probability arrays."""
     b = base.reshape(-1, base.shape[-1]).astype(np.float64)
     t = this.reshape(-1, this.shape[-1]).astype(np.float64)
-    kld = np.maximum((np.exp(b) * (b - t)).sum(-1), 0.0)
-    top1 = float(np.mean(b.argmax(-1) == t.argmax(-1)))
+    return np.maximum((np.exp(b) * (b - t)).sum(-1), 0.0)
+
+
+def kl_divergence(base: np.ndarray, this: np.ndarray) -> Divergence:
+    """KL(base || this) over the scored positions, from two log-probability arrays of the same shape."""
+    kld = kl_per_position(base, this)
+    top1 = float(np.mean(base.reshape(-1, base.shape[-1]).argmax(-1) == this.reshape(-1, this.shape[-1]).argmax(-1)))
     stderr = float(kld.std(ddof=1) / np.sqrt(len(kld))) if len(kld) > 1 else 0.0
     return Divergence(float(kld.mean()), stderr, float(np.median(kld)), float(np.percentile(kld, 99)),
                       float(kld.max()), top1)

@@ -4,7 +4,8 @@
   export, both attention layouts, to ~1e-5 relative L2;
 - llama.cpp on the same quantized files, over Python source that is in no training corpus (this
   project's own code): our default path's perplexity within 0.5 % of llama.cpp's, its KL-divergence
-  to the F32 model no worse than llama.cpp's (10 % slack for four windows), top-1 agreement with
+  to the F32 model no worse than llama.cpp's (mean: 10 % and the paired noise of four windows;
+  median: 25 %), top-1 agreement with
   llama.cpp >= 97 %. A trained network is not chaotic the way a random one is, so these bounds
   are tight. (Top-1 stays below the 99 % first hoped for: this small model has many near-tied
   next tokens, and llama.cpp agrees with itself between ubatch 512 and 1 on only ~99.3 % of them
@@ -93,11 +94,18 @@ def test_default_path_perplexity_matches_llama_cpp(trained, f32_base, quant):
         p_ours = px.perplexity(ours, windows, model.tokenizer.token_bytes)
         p_theirs = px.perplexity(theirs, windows, model.tokenizer.token_bytes)
         agree, vs_f32 = px.kl_divergence(theirs, ours), px.kl_divergence(base, ours)
+        diff = px.kl_per_position(base, ours) - px.kl_per_position(base, theirs)
+        noise = 2 * diff.std(ddof=1) / np.sqrt(len(diff))  # two standard errors of the paired mean
         print(f"{quant} {precision}: ppl ours {p_ours.ppl:.4f}, llama.cpp {p_theirs.ppl:.4f}, bpb "
               f"{p_ours.bits_per_byte:.3f}, top-1 vs llama.cpp {agree.top1:.4f}, vs F32 {vs_f32.top1:.4f} "
-              f"(llama.cpp {vs_f32_theirs.top1:.4f}); KLD to F32 ours {vs_f32.mean:.2e}, llama.cpp {vs_f32_theirs.mean:.2e}")
+              f"(llama.cpp {vs_f32_theirs.top1:.4f}); KLD to F32 ours {vs_f32.mean:.2e} (median "
+              f"{vs_f32.median:.2e}), llama.cpp {vs_f32_theirs.mean:.2e} ({vs_f32_theirs.median:.2e}), noise {noise:.1e}")
         assert abs(p_ours.ppl / p_theirs.ppl - 1) <= 0.005
-        assert vs_f32.mean <= 1.1 * vs_f32_theirs.mean + 1e-5
+        # The mean KLD of a near-lossless file is a handful of routing near-ties that flip (F16:
+        # the top 3 of 1,020 positions hold 97 % of it, for llama.cpp too), so the mean is judged
+        # within the noise of four windows, and the median, which those flips do not move, tightly.
+        assert vs_f32.mean <= 1.1 * vs_f32_theirs.mean + noise + 1e-6
+        assert vs_f32.median <= 1.25 * vs_f32_theirs.median + 1e-7
         if precision == "exact":
             assert agree.top1 >= 0.97
         else:

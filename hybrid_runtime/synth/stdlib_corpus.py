@@ -1,7 +1,7 @@
 """The trained demo model's corpus: the running interpreter's standard library.
 
-Every `.py` file of the standard library (not its test suites, not site-packages) plus the
-docstrings of the built-in modules, in sorted path order. About one file in fifty is held out
+Every `.py` file of the standard library (not site-packages; its test suites only when asked)
+plus the docstrings of the built-in modules, in sorted path order. About one file in fifty is held out
 (chosen by a hash of its relative path, so the split is the same on every machine that has the
 file) for validation during training.
 """
@@ -15,7 +15,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_TEST_DIRS = {"test", "tests", "idle_test"}
 HELD_OUT_EVERY = 50
 
 
@@ -34,10 +35,12 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def source_files(root: Path | None = None) -> list[Path]:
-    """The standard library's .py files in sorted relative-path order (test suites left out)."""
+def source_files(root: Path | None = None, tests: bool = False) -> list[Path]:
+    """The standard library's .py files in sorted relative-path order (test suites only when
+    `tests`)."""
     root = root or stdlib_root()
-    files = [p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
+    skip = _SKIP_DIRS if tests else _SKIP_DIRS | _TEST_DIRS
+    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -61,11 +64,11 @@ def builtin_docstrings() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def load_corpus(root: Path | None = None) -> Corpus:
-    """The corpus split into train and held-out documents."""
+def load_corpus(root: Path | None = None, tests: bool = False) -> Corpus:
+    """The corpus split into train and held-out documents (with the test suites when `tests`)."""
     root = root or stdlib_root()
     train, held = [], []
-    files = source_files(root)
+    files = source_files(root, tests)
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         (held if is_held_out(path.relative_to(root).as_posix()) else train).append(text)
