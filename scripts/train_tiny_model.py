@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from hybrid_runtime import perplexity as px  # noqa: E402
 from hybrid_runtime.synth.stdlib_corpus import load_corpus  # noqa: E402
 from hybrid_runtime.synth.tokenizer import learn_vocab  # noqa: E402
 from hybrid_runtime.synth.trained import ASSET_DIR, STDLIB_PRESET, hf_config, load_checkpoint, write_metadata  # noqa: E402
@@ -66,9 +67,9 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def tokenize(docs: list[str], vocab, eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(docs: list[str], vocab, eos: bool = True) -> tuple[np.ndarray, list[bytes]]:
     """Token ids of the documents, each followed by [EOS] when `eos`, tokenized by llama.cpp's
-    BPE, and every token's length in bytes."""
+    BPE, and the bytes each token id stands for."""
     from llama_cpp import Llama
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,9 +81,9 @@ def tokenize(docs: list[str], vocab, eos: bool = True) -> tuple[np.ndarray, np.n
             ids += llm.tokenize(d.encode(), add_bos=False, special=False)
             if eos:
                 ids.append(vocab.token_id("[EOS]"))
-        n_bytes = np.array([len(llm.detokenize([t])) for t in range(STDLIB_PRESET.vocab)], dtype=np.int64)
+        pieces = [llm.detokenize([t], special=True) for t in range(STDLIB_PRESET.vocab)]
         llm.close()
-    return np.array(ids, dtype=np.int32), n_bytes
+    return np.array(ids, dtype=np.int32), pieces
 
 
 def routing_counter(model, n_expert: int):
@@ -120,21 +121,17 @@ def batches(ids: np.ndarray, batch: int, seq: int, rng: np.random.Generator):
 
 
 @torch.no_grad()
-def bits_per_byte(model, ids: np.ndarray, n_bytes: np.ndarray, seq: int, max_windows: int) -> float:
-    """Bits per byte over the second half of `max_windows` windows spread over the text, as
-    `hybrid-runtime perplexity` scores each window."""
+def bits_per_byte(model, ids: np.ndarray, pieces: list[bytes], seq: int, max_windows: int) -> float:
+    """Bits per byte over `max_windows` windows spread over the text, scored by
+    hybrid_runtime.perplexity as `hybrid-runtime perplexity` scores them."""
     model.eval()
-    nll, nb = 0.0, 0
     n = len(ids) // seq
-    for k in np.unique(np.linspace(0, n - 1, min(max_windows, n)).astype(int)):
-        w = torch.from_numpy(ids[k * seq: (k + 1) * seq].astype(np.int64))[None]
-        logp = torch.log_softmax(model(input_ids=w).logits[0].float(), -1)
-        first = seq // 2
-        target = w[0, first + 1:]
-        nll -= float(logp[first: seq - 1].gather(1, target[:, None]).sum())
-        nb += int(n_bytes[target.numpy()].sum())
+    picks = np.unique(np.linspace(0, n - 1, min(max_windows, n)).astype(int))
+    windows = px.Windows(np.concatenate([ids[k * seq: (k + 1) * seq] for k in picks]), seq)
+    logits = lambda w: model(input_ids=torch.tensor([w])).logits[0].float().numpy()  # noqa: E731
+    result = px.perplexity(px.scored_log_probs(logits, windows), windows, pieces.__getitem__)
     model.train()
-    return nll / math.log(2) / max(nb, 1)
+    return result.bits_per_byte
 
 
 @torch.no_grad()
@@ -171,7 +168,7 @@ def train(a) -> None:
         earlier = earlier.pop("stages", []) + [earlier]
     else:
         vocab = learn_vocab("".join(corpus.train), STDLIB_PRESET.vocab)
-    (train_ids, n_bytes), (held_ids, _) = tokenize(corpus.train, vocab), tokenize(corpus.held_out, vocab)
+    (train_ids, pieces), (held_ids, _) = tokenize(corpus.train, vocab), tokenize(corpus.held_out, vocab)
     eval_ids = None if a.eval_text is None else tokenize([a.eval_text.read_text()], vocab, eos=False)[0]
     print(f"corpus: {corpus.train_bytes / 1e6:.1f} MB -> {len(train_ids) / 1e6:.2f} M tokens "
           f"(held out {len(held_ids)}), {time.perf_counter() - t0:.0f} s", flush=True)
@@ -210,7 +207,7 @@ def train(a) -> None:
             rec = dict(step=step, loss=round(loss.item(), 4), held_out=round(held, 4), max_load=round(load, 2),
                        seconds=round(time.perf_counter() - t_train))
             if eval_ids is not None:
-                rec["eval_text_bpb"] = round(bits_per_byte(model, eval_ids, n_bytes, a.seq, a.eval_windows), 4)
+                rec["eval_text_bpb"] = round(bits_per_byte(model, eval_ids, pieces, a.seq, a.eval_windows), 4)
             log.append(rec)
             print(json.dumps(rec), flush=True)
     if a.time_steps:
