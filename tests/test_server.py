@@ -14,6 +14,8 @@ from hybrid_runtime.synth import cached_model
 KEY = "test-key"
 N_CTX = 4096
 LONG = 3000  # max_tokens of requests that must be cancelled or rejected before they finish
+# ... and they must not end early at an end-of-generation token (the random model samples one now and then)
+NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +141,7 @@ def test_health_and_metrics(server):
 
 def test_disconnect_cancels_generation(client, server):
     before = cancelled_count(server)
-    body = {"model": "tiny", "messages": MSG, "max_tokens": LONG, "stream": True}
+    body = {"model": "tiny", "messages": MSG, "max_tokens": LONG, "stream": True, **NO_EOS}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         for i, _ in enumerate(r.iter_lines()):
@@ -152,9 +154,11 @@ def test_disconnect_cancels_generation(client, server):
 
 def test_queue_full_is_503(client, server):
     before = cancelled_count(server)
-    running = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=LONG, stream=True)
+    running = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=LONG, stream=True,
+                                             extra_body=NO_EOS)
     next(iter(running))  # the role chunk: the request is in the engine
-    waiting = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=LONG, stream=True)
+    waiting = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=LONG, stream=True,
+                                             extra_body=NO_EOS)
     try:
         with pytest.raises(openai.InternalServerError) as e:
             client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4)
