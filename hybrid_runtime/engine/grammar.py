@@ -113,7 +113,22 @@ class GrammarConstraint:
         self.eos = min(tokenizer.eog_ids) if tokenizer.eog_ids else 0
         self._closers = _closer_ids(tokenizer)
         self.plan = closing_plan(matcher, self._closers)  # None: no way to close found
-        self._next: Future = _POOL.submit(self.matcher.compute_bitmask)
+        self._tokenizer = tokenizer
+        self._next: Future = self._submit()
+
+    def _submit(self) -> Future:
+        # The matcher's tokenizer view calls into llama.cpp's vocabulary, which the llama model owns:
+        # the job holds the tokenizer (and so the model) until it has finished, even when the
+        # constraint is dropped with its mask in flight (at an error, at exit: that segfaulted).
+        matcher, tokenizer = self.matcher, self._tokenizer
+        return _POOL.submit(lambda: (matcher.compute_bitmask(), tokenizer)[0])
+
+    def close(self) -> None:
+        """Wait for the mask in flight (call before dropping a constraint that will not be used)."""
+        try:
+            self._next.result()
+        except Exception:  # noqa: BLE001 - a failed mask of a constraint nobody uses any more
+            pass
 
     def min_tokens(self) -> int | None:
         """Tokens of the shortest document found from the start (None: no closing found)."""
@@ -143,7 +158,7 @@ class GrammarConstraint:
             self.plan = self.plan[1:]
         else:
             self.matcher, self.plan = trial, plan
-        self._next = _POOL.submit(self.matcher.compute_bitmask)
+        self._next = self._submit()
         return token
 
 
@@ -215,5 +230,6 @@ def fitted_json_constraint(tokenizer, schema: dict | bool, max_tokens: int, open
     constraint = json_constraint(tokenizer, schema, think)()
     need = constraint.min_tokens()
     if need is not None and need > max_tokens:
+        constraint.close()
         raise GrammarError(f"{max_tokens} tokens are too few for this format: the shortest valid reply takes {need}")
     return constraint
