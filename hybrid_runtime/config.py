@@ -17,6 +17,8 @@ KIMI_VOCAB = 163_840
 _YARN_BETAS = {"kimi": (1.0, 1.0), "deepseek": (32.0, 1.0)}
 
 
+PREFILL_PRECISIONS = ("bf16", "exact", "int8")
+
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
     arch: str
@@ -127,12 +129,14 @@ class RuntimeOptions:
     compiled: bool = True  # the compiled CPU step (cpu/step.py) where it applies; False: the torch model
     # long prefill chunks (>= 96 tokens): "bf16" = the non-expert matrices too in bf16 (faster, and on the
     # trained model closer to F32 than llama.cpp: benchmarks.md, fidelity); "exact" = float32 with
-    # llama.cpp's activation rounding
+    # llama.cpp's activation rounding; "int8" = the Q4_K/Q6_K matrices through the integer panel GEMM
+    # (quant/gemm.py: activations quantized to Q8_K as llama.cpp does), other types in bf16
     prefill_precision: str = "bf16"
 
     def validate(self) -> "RuntimeOptions":
-        if self.prefill_precision not in ("exact", "bf16"):
-            raise InvalidRequestError(f"prefill_precision must be 'exact' or 'bf16', not {self.prefill_precision!r}")
+        if self.prefill_precision not in PREFILL_PRECISIONS:
+            raise InvalidRequestError(f"prefill_precision must be one of {', '.join(PREFILL_PRECISIONS)}, "
+                                      f"not {self.prefill_precision!r}")
         if self.compute not in ("fast", "reference"):
             raise InvalidRequestError(f"compute must be 'fast' or 'reference', not {self.compute!r}")
         if self.threads is not None and self.threads < 1:

@@ -68,10 +68,12 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, sto
     def experts(layer: int):
         refs = stored[layer]
         if kernel_types_supported(refs):
-            return CpuQuantExperts(*refs, layer=layer, numa=numa, where=store.where(gf.store_report))
+            return CpuQuantExperts(*refs, layer=layer, numa=numa, where=store.where(gf.store_report),
+                                   int8_prefill=opts.prefill_precision == "int8")
         return FloatExperts(*refs, round_act=True)  # types without a kernel (Q4_0, Q5_0, F16, ...)
 
-    weights = RoundedWeights(gf, experts, bf16_prefill=opts.prefill_precision == "bf16")
+    weights = RoundedWeights(gf, experts, bf16_prefill=opts.prefill_precision == "bf16",
+                             int8_prefill=opts.prefill_precision == "int8")
     weights.numa = numa  # for the memory report after load
     return weights
 

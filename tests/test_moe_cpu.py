@@ -131,6 +131,29 @@ def test_prefill_forward_matches_moe_forward():
     assert rel_l2(all_torch, ref) < 3e-2  # bf16 weights and activations
 
 
+@pytest.mark.parametrize("types", [(QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.Q6_K, QT.Q4_K, QT.Q4_K), (QT.Q4_K, QT.Q4_K, QT.Q8_0)])
+def test_prefill_int8_matches_moe_forward(types):
+    """The panel GEMM path against the row kernels on the same Q8_K activations: only the float
+    summation order differs (types without the GEMM, Q8_0 here, fall back to bf16 groups)."""
+    from hybrid_runtime.experts.prefill import prefill_forward
+    from hybrid_runtime.quant.cpu_features import has_avx512_vnni
+
+    if not has_avx512_vnni():
+        pytest.skip("the panel GEMM needs AVX-512 VNNI")
+    rng = np.random.default_rng()
+    ex = make_experts(rng, n_expert=5, n_ff=512, hidden=256, types=types)
+    T = int(rng.integers(20, 40))
+    x = rng.standard_normal((T, ex.hidden)).astype(np.float32)
+    ids, w = routing(rng, T, ex.n_expert, 2)
+    ids[:, 0] = 0  # expert 0: every token; the others fewer, some below the GEMM threshold
+    ids[:, 1] = rng.integers(1, ex.n_expert, size=T)
+    kernels = moe_forward(x, ids, w, ex)
+    int8 = prefill_forward(x, ids, w, ex, int8=True, int8_min_tokens=6)
+    limit = 1e-5 if QT.Q8_0 not in types else 3e-2
+    assert rel_l2(int8, kernels) < limit
+    assert rel_l2(int8, reference(x, ids, w, ex, quantize_acts=True)) < (1e-5 if limit < 1e-3 else 5e-2)
+
+
 def test_configure_threads_sets_both_pools():
     import numba
     import torch

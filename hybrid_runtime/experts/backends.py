@@ -98,12 +98,13 @@ class CpuQuantExperts(SyncExperts):
     With a NUMA executor each node's pinned threads compute their share of the FFN dimension."""
 
     def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef, layer: int = 0, numa=None,
-                 where: str = "in place (mmap)"):
+                 where: str = "in place (mmap)", int8_prefill: bool = False):
         from hybrid_runtime.experts import moe_cpu
 
         from hybrid_runtime.experts import prefill
 
         self.layer, self.numa, self.where = layer, numa, where
+        self.int8_prefill = int8_prefill  # large groups through the panel GEMM instead of bf16
         self._moe, self._prefill, self._min_tokens = moe_cpu.moe_forward, prefill.prefill_forward, prefill.TORCH_MIN_TOKENS
         self.weights = moe_cpu.ExpertWeights(gate.data, up.data, down.data, gate.ggml_type, up.ggml_type,
                                              down.ggml_type, n_expert=gate.shape[0], n_ff=gate.shape[1],
@@ -123,7 +124,7 @@ class CpuQuantExperts(SyncExperts):
         if self.numa is not None:
             out = self.numa.forward(self.layer, x, i, w)
         elif x.shape[0] >= self._min_tokens:
-            out = self._prefill(x, i, w, self.weights)
+            out = self._prefill(x, i, w, self.weights, int8=self.int8_prefill)
         else:
             out = self._moe(x, i, w, self.weights)
         return torch.from_numpy(out).to(h.device)

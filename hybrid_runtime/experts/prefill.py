@@ -1,5 +1,5 @@
-"""Large-batch (prefill) routed experts: big expert groups go to torch.matmul in bf16, the rest
-to the integer kernels.
+"""Large-batch (prefill) routed experts: big expert groups go to the integer panel GEMM
+(quant/gemm.py, `int8`) or to torch.matmul in bf16, the rest to the integer row kernels.
 
 The two thread pools (Numba's and torch's OpenMP) are never busy at once: the integer kernels run
 first for every small group, then torch handles the large groups one expert at a time.
@@ -28,6 +28,10 @@ TORCH_MIN_TOKENS = 96
 # F 2048) 16 tokens 9.6 / 9.3, 64 tokens 37.8 / 13.2.
 BF16_EXPERT_MIN_TOKENS = 16
 
+# Tokens routed to one expert from which the panel GEMM (one repack of each 16 rows, then 8 tokens
+# per pass) beats the row kernels.
+INT8_EXPERT_MIN_TOKENS = 8
+
 
 def configure_threads(n: int) -> None:
     """Give Numba's and torch's pools the same thread count (call once at load time)."""
@@ -51,6 +55,40 @@ def _expert_torch(x: torch.Tensor, experts: ExpertWeights, e: int, f0: int, f1: 
     torch.matmul(h, as_bf16(wd).T, out=out)                          # [n, D]
 
 
+def _int8_applies(experts: ExpertWeights, f0: int, f1: int) -> bool:
+    from hybrid_runtime.quant import gemm
+
+    d, f = experts.hidden, experts.n_ff
+    if not all(a.flags.c_contiguous for a in (experts.gate, experts.up, experts.down)):
+        return False
+    return f0 == 0 and f1 == f and gemm.supports(experts.gate_type, f, d) and \
+        gemm.supports(experts.up_type, f, d) and gemm.supports(experts.down_type, d, f)
+
+
+def _experts_int8(x: np.ndarray, route: Routing, groups: np.ndarray, experts: ExpertWeights, y: np.ndarray) -> None:
+    """The FFN of each expert group through the panel GEMM into y float32 [P, D] (the group's pair
+    rows): gate and up on the layer's activations quantized once (Q8_K, or Q8_0 for Q8_0 weights,
+    as llama.cpp does), silu(gate) * up quantized again, down."""
+    from hybrid_runtime.experts.moe_cpu import _silu_mul
+    from hybrid_runtime.quant import gemm
+
+    gate_acts = gemm.quantize_acts(experts.gate_type, x)
+    up_acts = gate_acts if gemm.ACTS[gemm.GEMM_KINDS[experts.up_type.name]] == \
+        gemm.ACTS[gemm.GEMM_KINDS[experts.gate_type.name]] else gemm.quantize_acts(experts.up_type, x)
+    f, d = experts.n_ff, experts.hidden
+    flat = [np.asarray(a).reshape(-1) for a in (experts.gate, experts.up, experts.down)]
+    gstride, ustride, dstride = (a.shape[-1] for a in (experts.gate, experts.up, experts.down))
+    for g in groups:
+        lo, hi = int(route.group_offsets[g]), int(route.group_offsets[g + 1])
+        e, tok = int(route.group_expert[g]), route.pair_token[lo:hi]
+        gu = np.empty((hi - lo, 2 * f), np.float32)
+        gemm.matmul(experts.gate_type, flat[0], e * f * gstride, gstride, f, d, gate_acts, tok, gu, 0)
+        gemm.matmul(experts.up_type, flat[1], e * f * ustride, ustride, f, d, up_acts, tok, gu, f)
+        h8 = gemm.quantize_acts(experts.down_type, _silu_mul(gu[:, :f], gu[:, f:]))
+        gemm.matmul(experts.down_type, flat[2], e * d * dstride, dstride, d, f, h8,
+                        np.arange(hi - lo, dtype=np.int64), y[lo:hi], 0)
+
+
 def _subset(route: Routing, groups: np.ndarray) -> tuple[Routing, np.ndarray]:
     """The routing restricted to some groups, and the indices of its pairs in the full routing."""
     sizes = np.diff(route.group_offsets)[groups]
@@ -65,12 +103,22 @@ def _subset(route: Routing, groups: np.ndarray) -> tuple[Routing, np.ndarray]:
 
 def prefill_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts: ExpertWeights, *,
                     ff_range: tuple[int, int] | None = None, out: np.ndarray | None = None,
-                    torch_min_tokens: int = BF16_EXPERT_MIN_TOKENS) -> np.ndarray:
-    """Same result as moe_forward (float32 [T, D]), choosing per expert between torch and the kernels."""
+                    torch_min_tokens: int = BF16_EXPERT_MIN_TOKENS, int8: bool = False,
+                    int8_min_tokens: int = INT8_EXPERT_MIN_TOKENS) -> np.ndarray:
+    """Same result as moe_forward (float32 [T, D]), choosing per expert between the panel GEMM
+    (`int8`, where the types have it) or torch bf16, and the row kernels."""
     x, f0, f1 = check_input(x, experts, ff_range)
     route = group_by_expert(ids, weights, experts.n_expert)
     if not len(route.pair_token):  # every pair has weight 0
         return out if out is not None else np.zeros_like(x)
+    if int8 and _int8_applies(experts, f0, f1):
+        big = np.diff(route.group_offsets) >= int8_min_tokens
+        y = np.empty((len(route.pair_token), experts.hidden), np.float32)
+        if (~big).any():
+            small_route, small_pairs = _subset(route, np.flatnonzero(~big))
+            y[small_pairs] = expert_pairs_forward(x, small_route, experts, f0, f1)
+        _experts_int8(x, route, np.flatnonzero(big), experts, y)
+        return scatter_pairs(out, x.shape[0], route, y)
     big = np.diff(route.group_offsets) >= torch_min_tokens
     if not big.any():
         return scatter_pairs(out, x.shape[0], route, expert_pairs_forward(x, route, experts, f0, f1))

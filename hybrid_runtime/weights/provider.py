@@ -131,22 +131,34 @@ class KernelLinear:
     Q8_K/Q8_0 as llama.cpp does. Many tokens (prefill, >= TORCH_MIN_TOKENS): the matrix is
     dequantized for the call into a reused buffer and multiplied by torch, in bf16 by default
     (`bf16_prefill`; closer to the F32 model than llama.cpp, benchmarks.md) or in float32 with the
-    activations rounded as llama.cpp does. No float copy of the weights is kept.
+    activations rounded as llama.cpp does. With `int8_prefill`, Q4_K, Q6_K and Q8_0 matrices of a
+    long chunk go through the integer panel GEMM instead (quant/gemm.py, activations quantized as
+    llama.cpp does), the other types in bf16. No float copy of the weights is kept.
     """
 
-    __slots__ = ("raw", "ggml_type", "_k", "_min_tokens", "bf16_prefill")
+    __slots__ = ("raw", "ggml_type", "_k", "_min_tokens", "bf16_prefill", "int8_prefill")
 
-    def __init__(self, raw: np.ndarray, ggml_type, bf16_prefill: bool = False):
+    def __init__(self, raw: np.ndarray, ggml_type, bf16_prefill: bool = False, int8_prefill: bool = False):
         from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS  # the measured crossover
-        from hybrid_runtime.quant import kernels
+        from hybrid_runtime.quant import gemm, kernels
 
         self.raw, self.ggml_type, self._k, self._min_tokens = raw, ggml_type, kernels, TORCH_MIN_TOKENS
-        self.bf16_prefill = bf16_prefill  # many tokens: bf16 weights and activations instead
+        self.bf16_prefill = bf16_prefill or int8_prefill  # many tokens: bf16 weights and activations instead
+        self.int8_prefill = int8_prefill and raw.flags.c_contiguous and gemm.supports(ggml_type, *self._shape())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < self._min_tokens:
             xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
             return torch.from_numpy(self._k.matmul(self.ggml_type, self.raw, xs))
+        if self.int8_prefill:
+            from hybrid_runtime.quant import gemm
+
+            xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+            rows, cols = self._shape()
+            out = np.empty((xs.shape[0], rows), np.float32)
+            gemm.matmul(self.ggml_type, self.raw.reshape(-1), 0, self.raw.shape[1], rows, cols,
+                        gemm.quantize_acts(self.ggml_type, xs), np.arange(xs.shape[0], dtype=np.int64), out)
+            return torch.from_numpy(out)
         if self.bf16_prefill:
             from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
 
@@ -217,16 +229,16 @@ class RoundedWeights(FloatWeights):
     kernel exists, else dequantized weights with activations rounded exactly as llama.cpp does."""
 
     def __init__(self, gf: GGUFModelFile, experts_factory: Callable[[int], ExpertsFn], kernels: bool = True,
-                 bf16_prefill: bool = False):
+                 bf16_prefill: bool = False, int8_prefill: bool = False):
         super().__init__(gf, experts_factory)
-        self.kernels, self.bf16_prefill = kernels, bf16_prefill
+        self.kernels, self.bf16_prefill, self.int8_prefill = kernels, bf16_prefill or int8_prefill, int8_prefill
 
     def linear(self, name: str):
         from hybrid_runtime.quant.kernels import CPU_KERNELS
 
         ref = self.gf.tensor(name)
         if self.kernels and ref.ggml_type in CPU_KERNELS and ref.data.ndim == 2:
-            return KernelLinear(ref.data, ref.ggml_type, self.bf16_prefill)
+            return KernelLinear(ref.data, ref.ggml_type, self.bf16_prefill, self.int8_prefill)
         return RoundedLinear(self.matrix(name), ref.ggml_type)
 
     def head_linear(self, name: str):
