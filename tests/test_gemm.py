@@ -74,3 +74,30 @@ def test_supports_only_whole_panels_and_blocks():
     assert gemm.supports(QT.Q4_K, 32, 512) and gemm.supports(QT.Q8_0, 576, 2048)
     assert not gemm.supports(QT.Q4_K, 40, 512) and not gemm.supports(QT.Q8_0, 32, 224)
     assert not gemm.supports(QT.Q5_K, 32, 512)
+
+
+def test_parallel_quantizers_give_q8k_py_bits():
+    from hybrid_runtime.quant import gemm
+    from hybrid_runtime.quant.q8k import quantize_q8_0, quantize_q8_k
+
+    rng = np.random.default_rng()
+    x = (rng.standard_normal((int(rng.integers(1, 30)), 512)) * rng.uniform(0.01, 10)).astype(np.float32)
+    x[0, :256] = 0  # an all-zero block
+    qs, bs, d = gemm.quantize_acts(QT.Q4_K, x)
+    for a, b in zip((qs, d, bs), quantize_q8_k(x)):
+        assert np.array_equal(a, b)
+    qs, sums, d = gemm.quantize_acts(QT.Q8_0, x)
+    for a, b in zip((qs, d, sums), quantize_q8_0(x)):
+        assert np.array_equal(a, b)
+
+
+def test_silu_mul_acts_matches_numpy():
+    from hybrid_runtime.experts.moe_cpu import _silu_mul
+    from hybrid_runtime.quant import gemm
+
+    rng = np.random.default_rng()
+    gu = (rng.standard_normal((7, 1024)) * 4).astype(np.float32)
+    qs, bs, d = gemm.silu_mul_acts(gu, 512)
+    h = _silu_mul(gu[:, :512], gu[:, 512:])
+    ref = gemm.quantize_acts(QT.Q4_K, h)
+    assert np.mean(qs == ref[0]) > 0.999 and np.allclose(d, ref[2], rtol=1e-6)

@@ -84,7 +84,8 @@ def _experts_int8(x: np.ndarray, route: Routing, groups: np.ndarray, experts: Ex
         gu = np.empty((hi - lo, 2 * f), np.float32)
         gemm.matmul(experts.gate_type, flat[0], e * f * gstride, gstride, f, d, gate_acts, tok, gu, 0)
         gemm.matmul(experts.up_type, flat[1], e * f * ustride, ustride, f, d, up_acts, tok, gu, f)
-        h8 = gemm.quantize_acts(experts.down_type, _silu_mul(gu[:, :f], gu[:, f:]))
+        h8 = gemm.silu_mul_acts(gu, f) if gemm.ACTS[gemm.GEMM_KINDS[experts.down_type.name]] == "Q8_K" \
+            else gemm.quantize_acts(experts.down_type, _silu_mul(gu[:, :f], gu[:, f:]))
         gemm.matmul(experts.down_type, flat[2], e * d * dstride, dstride, d, f, h8,
                         np.arange(hi - lo, dtype=np.int64), y[lo:hi], 0)
 

@@ -158,9 +158,7 @@ class Attention:
         # query blocks see only the cache rows up to their last position (causal): ~half the work
         o_lat = torch.cat([self._attend(q_abs[t0: t0 + QUERY_BLOCK], q_pe[t0: t0 + QUERY_BLOCK], lat_all, pe_all,
                                         pos[t0: t0 + QUERY_BLOCK]) for t0 in range(0, T, QUERY_BLOCK)])
-        if dt is not None:
-            o_lat = o_lat.float()
-        o = self.wv_b(o_lat)  # [T, H, V]
+        o = self.wv_b(o_lat)  # [T, H, V] (in dt: the absorbed matrices run in it)
         return self.wo(o.reshape(T, c.n_head * c.v_head))
 
     def _attend(self, q_abs, q_pe, lat_all, pe_all, pos):  # -> o_lat [t, H, C]

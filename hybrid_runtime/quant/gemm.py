@@ -38,6 +38,8 @@ from hybrid_runtime.quant.numba_cache import use_versioned_cache_dir
 
 use_versioned_cache_dir()
 
+from hybrid_runtime.cpu.layers import silu_mul  # noqa: E402
+from hybrid_runtime.cpu.rows import _absmax, _q8k_block, quantize_q8_0_row  # noqa: E402
 from hybrid_runtime.quant.vnni import F16, F32, I8, I32, _byte_ptr, _dpbusd, _dpwssd, _fma, _load, _pick, _vec  # noqa: E402
 
 ROWS = 16  # rows per panel: one 512-bit vector of int32 / float32 lanes
@@ -454,14 +456,68 @@ def supports(qtype, rows: int, cols: int) -> bool:
         and has_avx512_vnni()
 
 
-def quantize_acts(qtype, x: np.ndarray):
-    """x float32 [T, K] -> the activation rows the format of qtype reads: (values, sums, scales)."""
-    from hybrid_runtime.quant.q8k import quantize_q8_0, quantize_q8_k
+@numba.njit(cache=True, nogil=True, inline="always")
+def _q8k_row(x, qs, d, bs, t):
+    """Row t of x into Q8_K, bit for bit as q8k.quantize_q8_k (ggml's quantize_row_q8_K)."""
+    for b in range(x.shape[1] // 256):
+        xb = x[t, 256 * b: 256 * b + 256]
+        amax = _absmax(xb)
+        if amax == 0:
+            qs[t, 256 * b: 256 * b + 256] = 0
+            bs[t, 16 * b: 16 * b + 16] = 0
+            d[t, b] = np.float32(0.0)
+            continue
+        j = 0
+        while abs(xb[j]) != amax:
+            j += 1
+        iscale = np.float32(-127.0) / xb[j]
+        _q8k_block(xb, iscale, qs[t, 256 * b: 256 * b + 256], bs[t, 16 * b: 16 * b + 16])
+        d[t, b] = np.float32(1.0) / iscale
 
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _q8k_rows_par(x, qs, d, bs):
+    for t in prange(x.shape[0]):
+        _q8k_row(x, qs, d, bs, t)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _q80_rows_par(x, qs, d, sums):
+    for t in prange(x.shape[0]):
+        quantize_q8_0_row(x[t], x.shape[1], qs, d, sums, t)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def _silu_mul_q8k_par(gu, f, h, qs, d, bs):
+    """h[t] = silu(gu[t, :f]) * gu[t, f:] (the compiled step's vectorized silu), then h[t] into Q8_K."""
+    for t in prange(gu.shape[0]):
+        silu_mul(gu[t: t + 1], 1, f, h[t: t + 1])
+        _q8k_row(h, qs, d, bs, t)
+
+
+def _q8k_buffers(n: int, k: int):
+    return np.empty((n, k), np.int8), np.empty((n, k // 256), np.float32), np.empty((n, k // 16), np.int16)
+
+
+def quantize_acts(qtype, x: np.ndarray):
+    """x float32 [T, K] -> the activation rows the format of qtype reads: (values, sums, scales),
+    bit for bit as quant/q8k.py, the rows in parallel."""
+    x = np.ascontiguousarray(x, np.float32)
+    n, k = x.shape
     if ACTS[GEMM_KINDS[qtype.name]] == "Q8_0":
-        qs, d, sums = quantize_q8_0(x)
+        qs, d, sums = np.empty((n, k), np.int8), np.empty((n, k // 32), np.float32), np.empty((n, k // 32), np.int16)
+        _q80_rows_par(x, qs, d, sums)
         return qs, sums, d
-    qs, d, bs = quantize_q8_k(x)
+    qs, d, bs = _q8k_buffers(n, k)
+    _q8k_rows_par(x, qs, d, bs)
+    return qs, bs, d
+
+
+def silu_mul_acts(gu: np.ndarray, f: int):
+    """silu(gu[:, :f]) * gu[:, f:] quantized to Q8_K (the down projection's activations)."""
+    n = gu.shape[0]
+    qs, d, bs = _q8k_buffers(n, f)
+    _silu_mul_q8k_par(gu, f, np.empty((n, f), np.float32), qs, d, bs)
     return qs, bs, d
 
 

@@ -153,7 +153,7 @@ class KernelLinear:
         if self.int8_prefill:
             from hybrid_runtime.quant import gemm
 
-            xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+            xs = np.ascontiguousarray(x.detach().float().numpy(), dtype=np.float32)
             rows, cols = self._shape()
             out = np.empty((xs.shape[0], rows), np.float32)
             gemm.matmul(self.ggml_type, self.raw.reshape(-1), 0, self.raw.shape[1], rows, cols,
@@ -189,7 +189,7 @@ class KernelHeadLinear:
 
     def chunk_dtype(self, n_tokens: int) -> torch.dtype | None:
         """The dtype the attention around this matrix may compute a chunk of n_tokens in (None:
-        float32): bf16 where this matrix itself runs in bf16."""
+        float32): bf16 where this matrix itself runs in bf16, and then it returns bf16 too."""
         return torch.bfloat16 if self.bf16_prefill and n_tokens >= self._min_tokens else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,7 @@ class KernelHeadLinear:
             n_h, n_out, rb = self.raw.shape
             cols = x.shape[-1]
             bits = dequantize_bf16(self.ggml_type, self.raw.reshape(n_h * n_out, rb), bf16_buffer("head", n_h * n_out, cols))
-            return torch.einsum("thi,hoi->tho", x.to(torch.bfloat16), as_bf16(bits).view(n_h, n_out, cols)).float()
+            return torch.einsum("thi,hoi->tho", x.to(torch.bfloat16), as_bf16(bits).view(n_h, n_out, cols))
         if T >= self._min_tokens:
             return self.dense()(x)
         acts = self._k.quantize_acts(self.spec.act, np.ascontiguousarray(x.detach().numpy().reshape(T * H, -1)))
