@@ -92,7 +92,7 @@ ComputeOpt = typer.Option("fast", "--compute", help="fast (quantized CPU experts
 CompareOpt = typer.Option(False, "--compare-llama-cpp", help="also run llama.cpp on the same file and threads")
 JsonOpt = typer.Option(False, "--json", help="print machine-readable JSON")
 PlotOpt = typer.Option(None, "--plot", help="write a roofline PNG (time per layer vs bytes/bandwidth)")
-PrefillPrecisionOpt = typer.Option("bf16", "--prefill-precision", help="long prefill chunks: bf16 (default), exact (float32, llama.cpp's activation rounding) or int8 (the integer panel GEMM for Q4_K/Q6_K)")
+PrefillPrecisionOpt = typer.Option("int8", "--prefill-precision", help="long prefill chunks: int8 (default: the integer panel GEMM for Q4_K/Q6_K/Q8_0, bf16 for other types), bf16, or exact (float32, llama.cpp's activation rounding)")
 NumaOpt = typer.Option(None, "--numa-config", help="config written by numa-tune")
 
 

@@ -127,11 +127,11 @@ class RuntimeOptions:
     progress: bool = False  # progress bars while loading (the CLI turns them on)
     cpu_kernels: bool = True  # False: quantized matmuls as float emulation of the same rounding (slow)
     compiled: bool = True  # the compiled CPU step (cpu/step.py) where it applies; False: the torch model
-    # long prefill chunks (>= 96 tokens): "bf16" = the non-expert matrices too in bf16 (faster, and on the
-    # trained model closer to F32 than llama.cpp: benchmarks.md, fidelity); "exact" = float32 with
-    # llama.cpp's activation rounding; "int8" = the Q4_K/Q6_K matrices through the integer panel GEMM
-    # (quant/gemm.py: activations quantized to Q8_K as llama.cpp does), other types in bf16
-    prefill_precision: str = "bf16"
+    # long prefill chunks (>= 96 tokens): "int8" = the Q4_K/Q6_K/Q8_0 matrices through the integer panel
+    # GEMM (quant/gemm.py: activations quantized as llama.cpp does, the fastest), the other types and the
+    # attention in bf16; "bf16" = every matrix dequantized to bf16 (on the trained model a little closer to
+    # F32 than llama.cpp: benchmarks.md, fidelity); "exact" = float32 with llama.cpp's activation rounding
+    prefill_precision: str = "int8"
 
     def validate(self) -> "RuntimeOptions":
         if self.prefill_precision not in PREFILL_PRECISIONS:

@@ -127,6 +127,24 @@ def test_bf16_linear_matches_float64_reference():
     assert not torch.equal(got, exact)
 
 
+def test_int8_linear_matches_the_row_kernels():
+    """KernelLinear's int8 prefill path (the panel GEMM) against the row kernels on the same
+    quantized activations: only the float summation order differs."""
+    from hybrid_runtime.quant import kernels
+    from hybrid_runtime.quant.cpu_features import has_avx512_vnni
+    from hybrid_runtime.weights.provider import KernelLinear
+
+    if not has_avx512_vnni():
+        pytest.skip("the panel GEMM needs AVX-512 VNNI")
+    rng = np.random.default_rng()
+    for qtype in (QT.Q8_0, QT.Q4_K, QT.Q6_K):
+        w = _random_blocks(rng, qtype, 64, 512)
+        x = rng.standard_normal((int(rng.integers(100, 200)), 512)).astype(np.float32)
+        got = KernelLinear(w, qtype, int8_prefill=True)(torch.from_numpy(x)).double()
+        want = torch.from_numpy(kernels.matmul(qtype, w, x)).double()
+        assert torch.linalg.norm(got - want) / torch.linalg.norm(want) < 1e-6
+
+
 def test_prefill_precision_option(tiny):
     import hybrid_runtime as hr
     from hybrid_runtime.errors import InvalidRequestError
@@ -137,6 +155,8 @@ def test_prefill_precision_option(tiny):
     exact_model = hr.load(path, prefill_precision="exact")
     toks = np.random.default_rng().integers(0, exact_model.n_vocab, 200).tolist()
     exact = exact_model.logits(toks)
-    fast = hr.load(path).logits(toks)  # the default: bf16
-    err = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
-    assert 0 < err < 0.1
+    default = hr.load(path).logits(toks)
+    assert np.array_equal(default, hr.load(path, prefill_precision="int8").logits(toks))  # the default
+    for fast in (default, hr.load(path, prefill_precision="bf16").logits(toks)):
+        err = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
+        assert 0 < err < 0.1

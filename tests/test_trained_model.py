@@ -21,6 +21,7 @@ import pytest
 
 import hybrid_runtime as hr
 from hybrid_runtime import perplexity as px
+from hybrid_runtime.config import PREFILL_PRECISIONS
 from hybrid_runtime.oracle import llama_cpp_scorer, rel_l2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def test_default_path_perplexity_matches_llama_cpp(trained, f32_base, quant):
     with llama_cpp_scorer(path, N_CTX, threads=2, yarn_betas=hr.load(path).yarn_betas) as score:
         theirs = px.scored_log_probs(score, windows)
     vs_f32_theirs = px.kl_divergence(base, theirs)
-    for precision in ("exact", "bf16"):
+    for precision in PREFILL_PRECISIONS:
         model = hr.load(path, n_ctx=N_CTX, threads=2, prefill_precision=precision)
         ours = px.scored_log_probs(model.logits, windows)
         p_ours = px.perplexity(ours, windows, model.tokenizer.token_bytes)

@@ -78,13 +78,17 @@ def _experts_int8(x: np.ndarray, route: Routing, groups: np.ndarray, experts: Ex
     f, d = experts.n_ff, experts.hidden
     flat = [np.asarray(a).reshape(-1) for a in (experts.gate, experts.up, experts.down)]
     gstride, ustride, dstride = (a.shape[-1] for a in (experts.gate, experts.up, experts.down))
+    sizes = np.diff(route.group_offsets)[groups]
+    n_max = int(sizes.max()) if len(sizes) else 0
+    gu_all = np.empty((n_max, 2 * f), np.float32)  # reused by every group
+    silu_acts = gemm.SiluActs(n_max, f) if gemm.ACTS[gemm.GEMM_KINDS[experts.down_type.name]] == "Q8_K" else None
     for g in groups:
         lo, hi = int(route.group_offsets[g]), int(route.group_offsets[g + 1])
         e, tok = int(route.group_expert[g]), route.pair_token[lo:hi]
-        gu = np.empty((hi - lo, 2 * f), np.float32)
+        gu = gu_all[: hi - lo]
         gemm.matmul(experts.gate_type, flat[0], e * f * gstride, gstride, f, d, gate_acts, tok, gu, 0)
         gemm.matmul(experts.up_type, flat[1], e * f * ustride, ustride, f, d, up_acts, tok, gu, f)
-        h8 = gemm.silu_mul_acts(gu, f) if gemm.ACTS[gemm.GEMM_KINDS[experts.down_type.name]] == "Q8_K" \
+        h8 = silu_acts(gu) if silu_acts is not None \
             else gemm.quantize_acts(experts.down_type, _silu_mul(gu[:, :f], gu[:, f:]))
         gemm.matmul(experts.down_type, flat[2], e * d * dstride, dstride, d, f, h8,
                         np.arange(hi - lo, dtype=np.int64), y[lo:hi], 0)

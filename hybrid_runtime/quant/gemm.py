@@ -43,6 +43,7 @@ from hybrid_runtime.cpu.rows import _absmax, _q8k_block, quantize_q8_0_row  # no
 from hybrid_runtime.quant.vnni import F16, F32, I8, I32, _byte_ptr, _dpbusd, _dpwssd, _fma, _load, _pick, _vec  # noqa: E402
 
 ROWS = 16  # rows per panel: one 512-bit vector of int32 / float32 lanes
+PASS_BLOCKS = 2  # blocks of a panel that every token goes through before the next ones
 Q_BYTES = 64 * 64  # q of one block record
 
 
@@ -58,7 +59,16 @@ def _splat32(builder, v, ty):
     return _pick(builder, vec, [0] * 16)
 
 
-def _gemm_codegen(ns: int, n: int):
+def _acc_init(context, builder, sy, ay, yos, first):
+    """Per token a float accumulator <16 x float>: zero on a call's first block, else the partial
+    sums the previous call stored at y (a row's blocks may come in several calls, in order)."""
+    v16f = _vec(F32, 16)
+    pys = [builder.bitcast(_byte_ptr(context, builder, sy, ay, yo, 4), v16f.as_pointer()) for yo in yos]
+    init = [ir.Constant(v16f, [0.0] * 16) if first else builder.load(py, align=4) for py in pys]
+    return pys, [cgutils.alloca_once_value(builder, v) for v in init]
+
+
+def _gemm_codegen(ns: int, n: int, first: bool):
     per_sub = 64 // ns  # groups of 4 values in one sub-block
     rec = record_bytes(ns)
     v16i, v16f = _vec(I32, 16), _vec(F32, 16)
@@ -66,17 +76,17 @@ def _gemm_codegen(ns: int, n: int):
     o_d, o_c = o_m + 512, o_m + 576
 
     def codegen(context, builder, signature, args):
-        ap, apo, anb, ax, axo, abs_, abso, axd, axdo, ay, ayo = args
+        ap, ab0, anb, ax, axo, abs_, abso, axd, axdo, ay, ayo = args
         sp, _, _, sx, _, sbs, _, sxd, _, sy, _ = signature.args
         xos = [builder.extract_value(axo, t) for t in range(n)]
         bsos = [builder.extract_value(abso, t) for t in range(n)]
         xdos = [builder.extract_value(axdo, t) for t in range(n)]
         yos = [builder.extract_value(ayo, t) for t in range(n)]
         zero_i = ir.Constant(v16i, [0] * 16)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(n)]
+        pys, accs = _acc_init(context, builder, sy, ay, yos, first)
         with cgutils.for_range(builder, anb) as loop:
-            b = loop.index
-            pb = _byte_ptr(context, builder, sp, ap, builder.add(apo, builder.mul(b, ir.Constant(b.type, rec))))
+            b = builder.add(loop.index, ab0)
+            pb = _byte_ptr(context, builder, sp, ap, builder.mul(b, ir.Constant(b.type, rec)))
             px = [_byte_ptr(context, builder, sx, ax, builder.add(xos[t], builder.mul(b, ir.Constant(b.type, 256))))
                   for t in range(n)]
             pbs = [_byte_ptr(context, builder, sbs, abs_, builder.add(bsos[t], builder.mul(b, ir.Constant(b.type, 16))), 2)
@@ -106,48 +116,53 @@ def _gemm_codegen(ns: int, n: int):
                 acc = _fma(builder, builder.sitofp(msum[t], v16f), builder.fmul(cv, dx), acc)
                 builder.store(acc, accs[t])
         for t in range(n):
-            py = _byte_ptr(context, builder, sy, ay, yos[t], 4)
-            builder.store(builder.load(accs[t]), builder.bitcast(py, v16f.as_pointer()), align=4)
+            builder.store(builder.load(accs[t]), pys[t], align=4)
         return context.get_dummy_value()
 
     return codegen
 
 
-def _gemm_intrinsic(ns: int, doc: str):
-    def typer(typingctx, p, po, nb, x, xo, bs, bso, xd, xdo, y, yo):
-        counts = {getattr(v, "count", -1) for v in (xo, bso, xdo, yo)}
-        if len(counts) != 1 or not all(isinstance(v, types.UniTuple) for v in (xo, bso, xdo, yo)):
+def _gemm_intrinsic(codegen_of, doc: str):
+    """An intrinsic f(p, b0, nb, x, xo, s, so, d, do, y, yo): blocks b0 .. b0 + nb - 1 of the
+    panel p (its records from byte 0) against the N activation rows whose element offsets the
+    tuples xo, so, do give, into 16 floats at each element offset of the tuple yo."""
+    def typer(typingctx, p, b0, nb, x, xo, s, so, xd, xdo, y, yo):
+        counts = {getattr(v, "count", -1) for v in (xo, so, xdo, yo)}
+        if len(counts) != 1 or not all(isinstance(v, types.UniTuple) for v in (xo, so, xdo, yo)):
             return None
-        return types.void(p, po, nb, x, xo, bs, bso, xd, xdo, y, yo), _gemm_codegen(ns, xo.count)
+        return types.void(p, b0, nb, x, xo, s, so, xd, xdo, y, yo), codegen_of(xo.count)
 
     typer.__doc__ = doc
     return intrinsic(typer)
 
 
-panel_gemm8 = _gemm_intrinsic(8, "Panel (8 sub-blocks of 32) x N Q8_K rows -> 16 floats per row.")
-panel_gemm16 = _gemm_intrinsic(16, "Panel (16 sub-blocks of 16) x N Q8_K rows -> 16 floats per row.")
+_K8, _K16 = "Panel (8 sub-blocks of 32) x N Q8_K rows", "Panel (16 sub-blocks of 16) x N Q8_K rows"
+panel_gemm8 = _gemm_intrinsic(lambda n: _gemm_codegen(8, n, True), _K8 + " (the first blocks).")
+panel_gemm8_acc = _gemm_intrinsic(lambda n: _gemm_codegen(8, n, False), _K8 + " (further blocks).")
+panel_gemm16 = _gemm_intrinsic(lambda n: _gemm_codegen(16, n, True), _K16 + " (the first blocks).")
+panel_gemm16_acc = _gemm_intrinsic(lambda n: _gemm_codegen(16, n, False), _K16 + " (further blocks).")
 
 
 REC_Q80 = Q_BYTES + 512  # Q8_0 record: q (weights + 128 as u8), then D f32 [8 blocks][16 rows]
 
 
-def _q80_gemm_codegen(n: int):
+def _q80_gemm_codegen(n: int, first: bool):
     """Q8_0 panel x N Q8_0 activation rows: per 32-value block and token, the dot of the unsigned
     weights less 128 times the block's activation sum, times d_w * d_x, added to the row's sum."""
     v16i, v16f = _vec(I32, 16), _vec(F32, 16)
 
     def codegen(context, builder, signature, args):
-        ap, apo, anb, ax, axo, as_, aso, axd, axdo, ay, ayo = args
+        ap, ab0, anb, ax, axo, as_, aso, axd, axdo, ay, ayo = args
         sp, _, _, sx, _, ss, _, sxd, _, sy, _ = signature.args
         xos = [builder.extract_value(axo, t) for t in range(n)]
         sos = [builder.extract_value(aso, t) for t in range(n)]
         xdos = [builder.extract_value(axdo, t) for t in range(n)]
         yos = [builder.extract_value(ayo, t) for t in range(n)]
         zero_i = ir.Constant(v16i, [0] * 16)
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(n)]
+        pys, accs = _acc_init(context, builder, sy, ay, yos, first)
         with cgutils.for_range(builder, anb) as loop:
-            b = loop.index
-            pb = _byte_ptr(context, builder, sp, ap, builder.add(apo, builder.mul(b, ir.Constant(b.type, REC_Q80))))
+            b = builder.add(loop.index, ab0)
+            pb = _byte_ptr(context, builder, sp, ap, builder.mul(b, ir.Constant(b.type, REC_Q80)))
             px = [_byte_ptr(context, builder, sx, ax, builder.add(xos[t], builder.mul(b, ir.Constant(b.type, 256))))
                   for t in range(n)]
             ps = [_byte_ptr(context, builder, ss, as_, builder.add(sos[t], builder.mul(b, ir.Constant(b.type, 8))), 2)
@@ -171,21 +186,15 @@ def _q80_gemm_codegen(n: int):
             for t in range(n):
                 builder.store(accv[t], accs[t])
         for t in range(n):
-            py = _byte_ptr(context, builder, sy, ay, yos[t], 4)
-            builder.store(builder.load(accs[t]), builder.bitcast(py, v16f.as_pointer()), align=4)
+            builder.store(builder.load(accs[t]), pys[t], align=4)
         return context.get_dummy_value()
 
     return codegen
 
 
-@intrinsic
-def panel_gemm_q80(typingctx, p, po, nb, x, xo, s, so, xd, xdo, y, yo):
-    """Q8_0 panel (nb records of 256 values) x N Q8_0 rows (values, int16 sums and float scales
-    per 32) -> 16 floats per row."""
-    if not all(isinstance(v, types.UniTuple) for v in (xo, so, xdo, yo)) or \
-            len({v.count for v in (xo, so, xdo, yo)}) != 1:
-        return None
-    return types.void(p, po, nb, x, xo, s, so, xd, xdo, y, yo), _q80_gemm_codegen(xo.count)
+_Q80 = "Q8_0 panel (records of 256 values) x N Q8_0 rows (values, int16 sums and float scales per 32)"
+panel_gemm_q80 = _gemm_intrinsic(lambda n: _q80_gemm_codegen(n, True), _Q80 + " (the first blocks).")
+panel_gemm_q80_acc = _gemm_intrinsic(lambda n: _q80_gemm_codegen(n, False), _Q80 + " (further blocks).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,17 +368,24 @@ def _repack(fmt, w, wo, rstride, nb, pu):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gemm(fmt, pu, nb, x, xo, s, so, d, do, Y, yy):
-    if fmt == 0:
-        panel_gemm8(pu, 0, nb, x, xo, s, so, d, do, Y, yy)
+def _gemm(fmt, pu, b0, nb, x, xo, s, so, d, do, Y, yy):
+    if b0 == 0:
+        if fmt == 0:
+            panel_gemm8(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
+        elif fmt == 1:
+            panel_gemm16(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
+        else:
+            panel_gemm_q80(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
+    elif fmt == 0:
+        panel_gemm8_acc(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
     elif fmt == 1:
-        panel_gemm16(pu, 0, nb, x, xo, s, so, d, do, Y, yy)
+        panel_gemm16_acc(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
     else:
-        panel_gemm_q80(pu, 0, nb, x, xo, s, so, d, do, Y, yy)
+        panel_gemm_q80_acc(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _tile(fmt, pu, nb, x, s, d, tok, p, n, Y, yo):
+def _tile(fmt, pu, b0, nb, x, s, d, tok, p, n, Y, yo):
     """Tokens tok[p: p + n] (n = 8, 4, 2 or 1) through the repacked panel into Y at the flat
     element offsets yo + (p + i) * Y.shape[1]; x, s, d the quantized activation rows."""
     K, S, B, W = x.shape[1], s.shape[1], d.shape[1], Y.shape[1]
@@ -380,19 +396,19 @@ def _tile(fmt, pu, nb, x, s, d, tok, p, n, Y, yo):
         xo = (t[0] * K, t[1] * K, t[2] * K, t[3] * K, t[4] * K, t[5] * K, t[6] * K, t[7] * K)
         so = (t[0] * S, t[1] * S, t[2] * S, t[3] * S, t[4] * S, t[5] * S, t[6] * S, t[7] * S)
         do = (t[0] * B, t[1] * B, t[2] * B, t[3] * B, t[4] * B, t[5] * B, t[6] * B, t[7] * B)
-        _gemm(fmt, pu, nb, x, xo, s, so, d, do, Y, yy)
+        _gemm(fmt, pu, b0, nb, x, xo, s, so, d, do, Y, yy)
     elif n == 4:
         t4 = (tok[p], tok[p + 1], tok[p + 2], tok[p + 3])
         yy4 = (yo + p * W, yo + (p + 1) * W, yo + (p + 2) * W, yo + (p + 3) * W)
-        _gemm(fmt, pu, nb, x, (t4[0] * K, t4[1] * K, t4[2] * K, t4[3] * K), s,
+        _gemm(fmt, pu, b0, nb, x, (t4[0] * K, t4[1] * K, t4[2] * K, t4[3] * K), s,
               (t4[0] * S, t4[1] * S, t4[2] * S, t4[3] * S), d, (t4[0] * B, t4[1] * B, t4[2] * B, t4[3] * B), Y, yy4)
     elif n == 2:
         t2 = (tok[p], tok[p + 1])
-        _gemm(fmt, pu, nb, x, (t2[0] * K, t2[1] * K), s, (t2[0] * S, t2[1] * S), d, (t2[0] * B, t2[1] * B), Y,
+        _gemm(fmt, pu, b0, nb, x, (t2[0] * K, t2[1] * K), s, (t2[0] * S, t2[1] * S), d, (t2[0] * B, t2[1] * B), Y,
               (yo + p * W, yo + (p + 1) * W))
     else:
         t1 = tok[p]
-        _gemm(fmt, pu, nb, x, (t1 * K,), s, (t1 * S,), d, (t1 * B,), Y, (yo + p * W,))
+        _gemm(fmt, pu, b0, nb, x, (t1 * K,), s, (t1 * S,), d, (t1 * B,), Y, (yo + p * W,))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -400,17 +416,19 @@ def panel_rows(fmt, w, wo, rstride, pan, nb, x, s, d, tok, P, Y, ycol, pu):
     """Rows 16 pan .. 16 pan + 15 of the matrix for all P tokens: one repack, then 8 tokens a tile."""
     _repack(fmt, w, wo + 16 * pan * rstride, rstride, nb, pu)
     yo = ycol + 16 * pan
-    p = 0
-    while p + 8 <= P and fmt == 2:  # the K-quant tiles hold 3 vectors a token: 4 fit in registers
-        _tile(fmt, pu, nb, x, s, d, tok, p, 8, Y, yo)
-        p += 8
-    while p + 4 <= P:
-        _tile(fmt, pu, nb, x, s, d, tok, p, 4, Y, yo)
-        p += 4
-    for n in (4, 2, 1):
-        if p + n <= P:
-            _tile(fmt, pu, nb, x, s, d, tok, p, n, Y, yo)
-            p += n
+    for b0 in range(0, nb, PASS_BLOCKS):  # a few blocks for all tokens: they stay in L1
+        k = min(PASS_BLOCKS, nb - b0)
+        p = 0
+        while p + 8 <= P and fmt == 2:  # the K-quant tiles hold 3 vectors a token: 4 fit in registers
+            _tile(fmt, pu, b0, k, x, s, d, tok, p, 8, Y, yo)
+            p += 8
+        while p + 4 <= P:
+            _tile(fmt, pu, b0, k, x, s, d, tok, p, 4, Y, yo)
+            p += 4
+        for n in (2, 1):
+            if p + n <= P:
+                _tile(fmt, pu, b0, k, x, s, d, tok, p, n, Y, yo)
+                p += n
 
 
 def scratch_panels(n_threads: int, max_nb: int) -> np.ndarray:
@@ -513,12 +531,24 @@ def quantize_acts(qtype, x: np.ndarray):
     return qs, bs, d
 
 
+class SiluActs:
+    """silu(gu[:, :f]) * gu[:, f:] quantized to Q8_K (the down projection's activations), into
+    buffers kept for up to `rows` rows (one expert group after the other)."""
+
+    def __init__(self, rows: int, f: int):
+        self.f, self.h = f, np.empty((rows, f), np.float32)
+        self.qs, self.d, self.bs = _q8k_buffers(rows, f)
+
+    def __call__(self, gu: np.ndarray):
+        n = gu.shape[0]
+        qs, d, bs = self.qs[:n], self.d[:n], self.bs[:n]
+        _silu_mul_q8k_par(gu, self.f, self.h[:n], qs, d, bs)
+        return qs, bs, d
+
+
 def silu_mul_acts(gu: np.ndarray, f: int):
-    """silu(gu[:, :f]) * gu[:, f:] quantized to Q8_K (the down projection's activations)."""
-    n = gu.shape[0]
-    qs, d, bs = _q8k_buffers(n, f)
-    _silu_mul_q8k_par(gu, f, np.empty((n, f), np.float32), qs, d, bs)
-    return qs, bs, d
+    """silu(gu[:, :f]) * gu[:, f:] quantized to Q8_K."""
+    return SiluActs(gu.shape[0], f)(gu)
 
 
 def matmul(qtype, w: np.ndarray, wo: int, rstride: int, rows: int, cols: int, acts, tok: np.ndarray,
