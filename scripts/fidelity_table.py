@@ -7,11 +7,12 @@ The text is this project's own Python (hybrid_runtime/**/*.py, in no training co
 the reference path on the F32 file; for every quant: perplexity, bits per byte and KL-divergence
 to that base of our reference path (`compute="reference"`, exact dequantized weights), our default
 path (the compiled CPU step for small chunks, llama.cpp's activation rounding; windows of n_ctx >= 96
-tokens prefill through the torch model, where expert groups of >= 16 tokens and, by default, the other matrices run in bf16), the
-integer kernels throughout (`prefill_chunk=64`, as decode runs), exact prefill
-(`prefill_precision="exact"`: the non-expert matrices of long chunks in float32 with llama.cpp's
-activation rounding instead of bf16) and llama.cpp on the same file; and
-each path's top-1 agreement with llama.cpp.
+tokens prefill through the torch model, where the Q4_K/Q6_K/Q8_0 matrices and expert groups of >= 8
+tokens run through the integer panel GEMM, `prefill_precision="int8"`, and the other types in bf16),
+bf16 prefill (`prefill_precision="bf16"`: every long-chunk matrix dequantized to bf16), the integer
+kernels throughout (`prefill_chunk=64`, as decode runs), exact prefill (`prefill_precision="exact"`:
+the non-expert matrices of long chunks in float32 with llama.cpp's activation rounding) and
+llama.cpp on the same file; and each path's top-1 agreement with llama.cpp.
 Prints a Markdown table (and `--json FILE` writes the figures).
 """
 
@@ -31,8 +32,8 @@ from hybrid_runtime.oracle import llama_cpp_scorer  # noqa: E402
 from hybrid_runtime.synth import TRAINED_PRESET, cached_model  # noqa: E402
 
 QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
-PATHS = {"reference": {"compute": "reference"}, "default": {}, "integer kernels": {"prefill_chunk": 64},
-         "exact prefill": {"prefill_precision": "exact"}}
+PATHS = {"reference": {"compute": "reference"}, "default": {}, "bf16 prefill": {"prefill_precision": "bf16"},
+         "integer kernels": {"prefill_chunk": 64}, "exact prefill": {"prefill_precision": "exact"}}
 
 
 def held_out_text() -> str:

@@ -65,27 +65,30 @@ def _q8k_block(xb, iscale, qb, sb):
         sb[g] = t
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def q8k_block(xb, qb, sb):
+    """One 256-block xb into Q8_K values qb and bsums sb; returns its scale d. Rounds as ggml's
+    quantize_row_q8_K: the scale comes from the first value of the largest magnitude."""
+    amax = _absmax(xb)
+    if amax == 0:
+        qb[:] = 0
+        sb[:] = 0
+        return np.float32(0.0)
+    j = 0
+    while abs(xb[j]) != amax:
+        j += 1
+    iscale = np.float32(-127.0) / xb[j]
+    _q8k_block(xb, iscale, qb, sb)
+    return np.float32(1.0) / iscale
+
+
 @numba.njit(cache=True, nogil=True)
 def quantize_q8_k_row(x, n, qs, qn, d, bs, a):
-    """x f32 [n] -> Q8_K row a of (qs, qn, d, bs), rounding as ggml's quantize_row_q8_K (its scale
-    comes from the first value of the largest magnitude)."""
+    """x f32 [n] -> Q8_K row a of (qs, qn, d, bs), as q8k_block, and qn in the nibble order."""
     for b in range(n // 256):
         base = 256 * b
-        xb = x[base: base + 256]
-        amax = _absmax(xb)
-        if amax == 0:
-            qs[a, base: base + 256] = 0
-            qn[a, base: base + 256] = 0
-            bs[a, 16 * b: 16 * b + 16] = 0
-            d[a, b] = np.float32(0.0)
-            continue
-        j = 0
-        while abs(xb[j]) != amax:
-            j += 1
-        iscale = np.float32(-127.0) / xb[j]
         qb = qs[a, base: base + 256]
-        _q8k_block(xb, iscale, qb, bs[a, 16 * b: 16 * b + 16])
-        d[a, b] = np.float32(1.0) / iscale
+        d[a, b] = q8k_block(x[base: base + 256], qb, bs[a, 16 * b: 16 * b + 16])
         for c in range(2):  # nibble order per 128: [0:32, 64:96, 32:64, 96:128]
             src, dst = qb[128 * c: 128 * c + 128], qn[a, base + 128 * c: base + 128 * c + 128]
             dst[0:32] = src[0:32]

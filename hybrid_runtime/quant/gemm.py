@@ -39,7 +39,7 @@ from hybrid_runtime.quant.numba_cache import use_versioned_cache_dir
 use_versioned_cache_dir()
 
 from hybrid_runtime.cpu.layers import silu_mul  # noqa: E402
-from hybrid_runtime.cpu.rows import _absmax, _q8k_block, quantize_q8_0_row  # noqa: E402
+from hybrid_runtime.cpu.rows import q8k_block, quantize_q8_0_row  # noqa: E402
 from hybrid_runtime.quant.vnni import F16, F32, I8, I32, _byte_ptr, _dpbusd, _dpwssd, _fma, _load, _pick, _vec  # noqa: E402
 
 ROWS = 16  # rows per panel: one 512-bit vector of int32 / float32 lanes
@@ -68,6 +68,16 @@ def _acc_init(context, builder, sy, ay, yos, first):
     return pys, [cgutils.alloca_once_value(builder, v) for v in init]
 
 
+def _tile_args(context, builder, signature, args, n, first):
+    """The arguments of a tile intrinsic: arrays and their types, the per-token element offsets
+    (x, sums, scales), the output pointers and the accumulators."""
+    ap, ab0, anb, ax, axo, as_, aso, axd, axdo, ay, ayo = args
+    sp, _, _, sx, _, ss, _, sxd, _, sy, _ = signature.args
+    xos, sos, dos, yos = ([builder.extract_value(tup, t) for t in range(n)] for tup in (axo, aso, axdo, ayo))
+    pys, accs = _acc_init(context, builder, sy, ay, yos, first)
+    return (ap, ab0, anb, ax, as_, axd), (sp, sx, ss, sxd), (xos, sos, dos), pys, accs
+
+
 def _gemm_codegen(ns: int, n: int, first: bool):
     per_sub = 64 // ns  # groups of 4 values in one sub-block
     rec = record_bytes(ns)
@@ -76,14 +86,9 @@ def _gemm_codegen(ns: int, n: int, first: bool):
     o_d, o_c = o_m + 512, o_m + 576
 
     def codegen(context, builder, signature, args):
-        ap, ab0, anb, ax, axo, abs_, abso, axd, axdo, ay, ayo = args
-        sp, _, _, sx, _, sbs, _, sxd, _, sy, _ = signature.args
-        xos = [builder.extract_value(axo, t) for t in range(n)]
-        bsos = [builder.extract_value(abso, t) for t in range(n)]
-        xdos = [builder.extract_value(axdo, t) for t in range(n)]
-        yos = [builder.extract_value(ayo, t) for t in range(n)]
+        (ap, ab0, anb, ax, abs_, axd), (sp, sx, sbs, sxd), (xos, bsos, xdos), pys, accs = \
+            _tile_args(context, builder, signature, args, n, first)
         zero_i = ir.Constant(v16i, [0] * 16)
-        pys, accs = _acc_init(context, builder, sy, ay, yos, first)
         with cgutils.for_range(builder, anb) as loop:
             b = builder.add(loop.index, ab0)
             pb = _byte_ptr(context, builder, sp, ap, builder.mul(b, ir.Constant(b.type, rec)))
@@ -152,14 +157,9 @@ def _q80_gemm_codegen(n: int, first: bool):
     v16i, v16f = _vec(I32, 16), _vec(F32, 16)
 
     def codegen(context, builder, signature, args):
-        ap, ab0, anb, ax, axo, as_, aso, axd, axdo, ay, ayo = args
-        sp, _, _, sx, _, ss, _, sxd, _, sy, _ = signature.args
-        xos = [builder.extract_value(axo, t) for t in range(n)]
-        sos = [builder.extract_value(aso, t) for t in range(n)]
-        xdos = [builder.extract_value(axdo, t) for t in range(n)]
-        yos = [builder.extract_value(ayo, t) for t in range(n)]
+        (ap, ab0, anb, ax, as_, axd), (sp, sx, ss, sxd), (xos, sos, xdos), pys, accs = \
+            _tile_args(context, builder, signature, args, n, first)
         zero_i = ir.Constant(v16i, [0] * 16)
-        pys, accs = _acc_init(context, builder, sy, ay, yos, first)
         with cgutils.for_range(builder, anb) as loop:
             b = builder.add(loop.index, ab0)
             pb = _byte_ptr(context, builder, sp, ap, builder.mul(b, ir.Constant(b.type, REC_Q80)))
@@ -478,19 +478,7 @@ def supports(qtype, rows: int, cols: int) -> bool:
 def _q8k_row(x, qs, d, bs, t):
     """Row t of x into Q8_K, bit for bit as q8k.quantize_q8_k (ggml's quantize_row_q8_K)."""
     for b in range(x.shape[1] // 256):
-        xb = x[t, 256 * b: 256 * b + 256]
-        amax = _absmax(xb)
-        if amax == 0:
-            qs[t, 256 * b: 256 * b + 256] = 0
-            bs[t, 16 * b: 16 * b + 16] = 0
-            d[t, b] = np.float32(0.0)
-            continue
-        j = 0
-        while abs(xb[j]) != amax:
-            j += 1
-        iscale = np.float32(-127.0) / xb[j]
-        _q8k_block(xb, iscale, qs[t, 256 * b: 256 * b + 256], bs[t, 16 * b: 16 * b + 16])
-        d[t, b] = np.float32(1.0) / iscale
+        d[t, b] = q8k_block(x[t, 256 * b: 256 * b + 256], qs[t, 256 * b: 256 * b + 256], bs[t, 16 * b: 16 * b + 16])
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
