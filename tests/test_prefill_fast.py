@@ -160,3 +160,25 @@ def test_prefill_precision_option(tiny):
     for fast in (default, hr.load(path, prefill_precision="bf16").logits(toks)):
         err = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
         assert 0 < err < 0.1
+
+
+def test_decompressed_attention_matches_the_absorbed_form(tiny, monkeypatch):
+    """A long bf16 chunk attends in the decompressed form (per-head k and v from the latents);
+    against the absorbed form on the same prompt, and both against the float32 exact prefill."""
+    import hybrid_runtime as hr
+    from hybrid_runtime.models import deepseek2
+
+    path, _ = tiny("kimi-k2-tiny", "Q8_0")
+    model = hr.load(path, prefill_precision="bf16")
+    assert hasattr(model.net.prefill_net.attn[0].wk_b, "dense_weight")  # the case under test
+    toks = np.random.default_rng().integers(0, model.n_vocab, 300).tolist()
+    decompressed = model.logits(toks)
+    monkeypatch.setattr(deepseek2, "DECOMPRESS_MIN_TOKENS", 1 << 30)
+    absorbed = model.logits(toks)
+    exact = hr.load(path, prefill_precision="exact").logits(toks)
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
+    print(f"decompressed vs absorbed {rel(decompressed, absorbed):.2e}; vs exact: decompressed "
+          f"{rel(decompressed, exact):.2e}, absorbed {rel(absorbed, exact):.2e}")
+    assert not np.array_equal(decompressed, absorbed)
+    assert rel(decompressed, absorbed) < 3e-2
+    assert rel(decompressed, exact) < 1.5 * rel(absorbed, exact) + 1e-3

@@ -192,6 +192,19 @@ class KernelHeadLinear:
         float32): bf16 where this matrix itself runs in bf16, and then it returns bf16 too."""
         return torch.bfloat16 if self.bf16_prefill and n_tokens >= self._min_tokens else None
 
+    def dense_weight(self, name: str) -> torch.Tensor:
+        """The weights dequantized to bf16 [H, out, in], in the reused buffer `name` (valid until
+        the next call with that name)."""
+        from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
+
+        from gguf import GGML_QUANT_SIZES
+
+        n_h, n_out, rb = self.raw.shape
+        values, nbytes = GGML_QUANT_SIZES[self.ggml_type]
+        cols = rb // nbytes * values
+        bits = dequantize_bf16(self.ggml_type, self.raw.reshape(n_h * n_out, rb), bf16_buffer(name, n_h * n_out, cols))
+        return as_bf16(bits).view(n_h, n_out, cols)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T, H, _ = x.shape  # [T, H, in]
         if self.chunk_dtype(T) is not None:  # dequantized to a reused bf16 buffer, as KernelLinear
