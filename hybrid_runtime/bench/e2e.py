@@ -1,7 +1,8 @@
 """End-to-end decode and prefill benchmarks on a model file, against llama.cpp on the same file.
 
-Both sides run the same tokens at the same context depth with the same thread count, one after
-the other (never at once: llama.cpp with 2 threads slows 30-100x when anything else runs).
+Both sides run the same tokens at the same context depth with the same thread count, in turns
+(never at once: llama.cpp with 2 threads slows 30-100x when anything else runs): both are loaded,
+and rounds of ours and llama.cpp alternate, each side keeping its best round.
 """
 
 from __future__ import annotations
@@ -16,19 +17,31 @@ from hybrid_runtime.oracle import open_llama
 from hybrid_runtime.util import quiet_stderr
 
 
+# Rounds of a comparison: ours and llama.cpp, both loaded, alternate; each keeps its best. This CPU's
+# speed moves by up to 1.5x within seconds (docs/benchmarks.md): one after the other, a ratio
+# measured which state each side happened to get.
+PREFILL_ROUNDS = DECODE_ROUNDS = 3
+SETTLE_S = 0.5
+
+
 def _tokens(n: int, vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, min(vocab, 2000), n).tolist()
 
 
-def ours_decode(model, n_prompt: int, n_gen: int) -> dict:
-    """Decode n_gen tokens after an n_prompt-token prefill: the median step, and the median time
-    of the same steps spent outside the compute kernels (Python and small-op overhead)."""
-    from hybrid_runtime.bench.timing import kernel_timer
-
+def _ours_decode_start(model, n_prompt: int):
+    """A cache holding an n_prompt-token prefill and one warm-up step; the token to feed next."""
     cache = model.new_cache()
     logits = model.forward(_tokens(n_prompt, model.n_vocab), cache)
     token = int(np.argmax(logits[-1]))
-    model.forward([token], cache)  # warm-up step (first-call compilation, page faults)
+    logits = model.forward([token], cache)  # warm-up step (first-call compilation, page faults)
+    return cache, int(np.argmax(logits[-1]))
+
+
+def _ours_decode_steps(model, cache, token: int, n_gen: int) -> tuple[dict, int]:
+    """n_gen timed steps: the median step, and the median time of the same steps spent outside
+    the compute kernels (Python and small-op overhead)."""
+    from hybrid_runtime.bench.timing import kernel_timer
+
     times, rest = [], []
     with kernel_timer() as spent:
         for _ in range(n_gen):
@@ -41,7 +54,13 @@ def ours_decode(model, n_prompt: int, n_gen: int) -> dict:
     step = float(np.median(times))
     n_layer = model.config.n_layer
     return {"tokens_per_s": 1.0 / step, "step_s": step, "per_layer_s": step / n_layer,
-            "overhead_per_layer_s": float(np.median(rest)) / n_layer}
+            "overhead_per_layer_s": float(np.median(rest)) / n_layer}, token
+
+
+def ours_decode(model, n_prompt: int, n_gen: int) -> dict:
+    """Decode n_gen tokens after an n_prompt-token prefill (see _ours_decode_steps)."""
+    cache, token = _ours_decode_start(model, n_prompt)
+    return _ours_decode_steps(model, cache, token, n_gen)[0]
 
 
 def ours_prefill(model, n_prompt: int, repeats: int = 2) -> dict:
@@ -57,24 +76,48 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def llama_decode(path, threads: int, n_prompt: int, n_gen: int, betas) -> dict:
-    llm = open_llama(path, n_ctx=n_prompt + n_gen + 16, threads=threads, yarn_betas=betas, f32_kv=False,
-                     logits_all=False)
-    try:
-        with quiet_stderr():
-            llm.eval(_tokens(n_prompt, llm.n_vocab()))
-            token = 100  # the token fed back does not change the work of a step
+def _llama_decode_steps(llm, n_gen: int) -> dict:
+    token = 100  # the token fed back does not change the work of a step
+    times = []
+    with quiet_stderr():
+        for _ in range(n_gen):
+            t0 = time.perf_counter()
             llm.eval([token])
-            times = []
-            for _ in range(n_gen):
-                t0 = time.perf_counter()
-                llm.eval([token])
-                times.append(time.perf_counter() - t0)
-        step = float(np.median(times))
-        return {"tokens_per_s": 1.0 / step, "step_s": step}
+            times.append(time.perf_counter() - t0)
+    step = float(np.median(times))
+    return {"tokens_per_s": 1.0 / step, "step_s": step}
+
+
+def _open_llama_decode(path, threads: int, n_ctx: int, n_prompt: int, betas):
+    """llama.cpp on the file with an n_prompt-token prefill and one warm-up step."""
+    llm = open_llama(path, n_ctx=n_ctx, threads=threads, yarn_betas=betas, f32_kv=False, logits_all=False)
+    with quiet_stderr():
+        llm.eval(_tokens(n_prompt, llm.n_vocab()))
+        llm.eval([100])
+    return llm
+
+
+def decode_side_by_side(model, path, threads: int, n_prompt: int, n_gen: int, rounds: int = DECODE_ROUNDS) -> dict:
+    """Both loaded at once, `rounds` alternating runs of n_gen steps each after the same prompt
+    length (the context grows by n_gen a round on both sides); each side keeps its best round."""
+    llm = _open_llama_decode(path, threads, n_prompt + rounds * (n_gen + 1) + 16, n_prompt, model.yarn_betas)
+    try:
+        cache, token = _ours_decode_start(model, n_prompt)
+        ours, theirs = [], []
+        for _ in range(rounds):  # a pause before each run: the other side's threads stop spinning
+            time.sleep(SETTLE_S)
+            r, token = _ours_decode_steps(model, cache, token, n_gen)
+            ours.append(r)
+            time.sleep(SETTLE_S)
+            theirs.append(_llama_decode_steps(llm, n_gen))
     finally:
         llm.close()
         gc.collect()
+    a = min(ours, key=lambda r: r["step_s"])
+    b = min(theirs, key=lambda r: r["step_s"])
+    return {"ours": {**a, "rounds_step_s": [r["step_s"] for r in ours]},
+            "llama_cpp": {**b, "rounds_step_s": [r["step_s"] for r in theirs]},
+            "ratio": b["step_s"] / a["step_s"], "rounds": rounds}
 
 
 def _open_llama_prefill(path, threads: int, n_prompt: int, betas):
@@ -87,12 +130,6 @@ def _llama_prefill_once(llm, toks) -> float:
         llm.reset()  # the next eval drops the cache from position 0
         return _timed(lambda: llm.eval(toks))
 
-
-# Rounds of a prefill comparison: ours and llama.cpp alternate, each keeps its best. This CPU's
-# speed moves by up to 1.5x within seconds (docs/benchmarks.md): one after the other, a ratio
-# measured which state each side happened to get.
-PREFILL_ROUNDS = 3
-SETTLE_S = 0.5
 
 
 def prefill_side_by_side(model, path, threads: int, n_prompt: int, rounds: int = PREFILL_ROUNDS) -> dict:
@@ -144,7 +181,8 @@ def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode
     from hybrid_runtime.quant.cpu_features import prefetch_bytes
 
     t0 = time.perf_counter()
-    model = hr.load(path, threads=threads, n_ctx=max(n_prompt, decode_prompt) + n_gen + 64, **load_opts)
+    model = hr.load(path, threads=threads, n_ctx=max(n_prompt, decode_prompt) + DECODE_ROUNDS * (n_gen + 1) + 64,
+                    **load_opts)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.forward([1], model.new_cache())  # the first step: Numba compiles here, or loads its cache
@@ -155,19 +193,15 @@ def bench_model(path, threads: int, n_prompt: int = 512, n_gen: int = 32, decode
     if "decode" in what:
         bw = ReadBandwidth(1 << 30)  # one buffer for the reads right before and right after
         before = bw.measure(threads)
-        out["decode"] = {"ours": ours_decode(model, decode_prompt, n_gen), "context": decode_prompt}
+        out["decode"] = decode_side_by_side(model, path, threads, decode_prompt, n_gen) if compare \
+            else {"ours": ours_decode(model, decode_prompt, n_gen)}
+        out["decode"]["context"] = decode_prompt
         out["decode"]["bandwidth"] = _judge_bandwidth(step_bytes(model.file, model.config), out["decode"]["ours"],
                                                       before, bw.measure(threads))
         del bw
     if "prefill" in what:
         out["prefill"] = prefill_side_by_side(model, path, threads, n_prompt) if compare \
             else {"ours": ours_prefill(model, n_prompt), "tokens": n_prompt}
-    betas = model.yarn_betas
     del model
     gc.collect()
-    if compare:
-        if "decode" in what:
-            d = out["decode"]
-            d["llama_cpp"] = llama_decode(path, threads, decode_prompt, n_gen, betas)
-            d["ratio"] = d["ours"]["tokens_per_s"] / d["llama_cpp"]["tokens_per_s"]
     return out
