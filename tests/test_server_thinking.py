@@ -113,12 +113,16 @@ def test_reasoning_is_the_text_before_think_end(k25, stream):
             reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
             content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             n = chunks[-1].usage.completion_tokens
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
         else:
             r = client.chat.completions.create(**kw)
             lps = r.choices[0].logprobs.content
             reasoning, content = getattr(r.choices[0].message, "reasoning_content", None) or "", r.choices[0].message.content or ""
             n = r.usage.completion_tokens
+            finish = r.choices[0].finish_reason
         assert len(lps) == n
+        if finish == "stop":  # the random model sampled end-of-generation: its token is no text of the reply
+            lps = lps[:-1]
         # the tokens' bytes, decoded together: a character split over two byte tokens is one
         # character of the reply, while each token's own text shows a replacement mark
         tokens = [t.token for t in lps]
