@@ -97,7 +97,7 @@ def test_silu_mul_acts_matches_numpy():
 
     rng = np.random.default_rng()
     gu = (rng.standard_normal((7, 1024)) * 4).astype(np.float32)
-    qs, bs, d = gemm.silu_mul_acts(gu, 512)
+    qs, bs, d = gemm.SiluActs(7, 512)(gu)
     h = _silu_mul(gu[:, :512], gu[:, 512:])
     ref = gemm.quantize_acts(QT.Q4_K, h)
     assert np.mean(qs == ref[0]) > 0.999 and np.allclose(d, ref[2], rtol=1e-6)

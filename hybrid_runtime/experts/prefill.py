@@ -73,15 +73,15 @@ def _experts_int8(x: np.ndarray, route: Routing, groups: np.ndarray, experts: Ex
     from hybrid_runtime.quant import gemm
 
     gate_acts = gemm.quantize_acts(experts.gate_type, x)
-    up_acts = gate_acts if gemm.ACTS[gemm.GEMM_KINDS[experts.up_type.name]] == \
-        gemm.ACTS[gemm.GEMM_KINDS[experts.gate_type.name]] else gemm.quantize_acts(experts.up_type, x)
+    up_acts = gate_acts if gemm.acts_of(experts.up_type) == gemm.acts_of(experts.gate_type) \
+        else gemm.quantize_acts(experts.up_type, x)
     f, d = experts.n_ff, experts.hidden
     flat = [np.asarray(a).reshape(-1) for a in (experts.gate, experts.up, experts.down)]
     gstride, ustride, dstride = (a.shape[-1] for a in (experts.gate, experts.up, experts.down))
     sizes = np.diff(route.group_offsets)[groups]
     n_max = int(sizes.max()) if len(sizes) else 0
     gu_all = np.empty((n_max, 2 * f), np.float32)  # reused by every group
-    silu_acts = gemm.SiluActs(n_max, f) if gemm.ACTS[gemm.GEMM_KINDS[experts.down_type.name]] == "Q8_K" else None
+    silu_acts = gemm.SiluActs(n_max, f) if gemm.acts_of(experts.down_type) == "Q8_K" else None
     for g in groups:
         lo, hi = int(route.group_offsets[g]), int(route.group_offsets[g + 1])
         e, tok = int(route.group_expert[g]), route.pair_token[lo:hi]
@@ -91,7 +91,7 @@ def _experts_int8(x: np.ndarray, route: Routing, groups: np.ndarray, experts: Ex
         h8 = silu_acts(gu) if silu_acts is not None \
             else gemm.quantize_acts(experts.down_type, _silu_mul(gu[:, :f], gu[:, f:]))
         gemm.matmul(experts.down_type, flat[2], e * d * dstride, dstride, d, f, h8,
-                        np.arange(hi - lo, dtype=np.int64), y[lo:hi], 0)
+                    np.arange(hi - lo, dtype=np.int64), y[lo:hi], 0)
 
 
 def _subset(route: Routing, groups: np.ndarray) -> tuple[Routing, np.ndarray]:

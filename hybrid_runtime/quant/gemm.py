@@ -51,8 +51,9 @@ PASS_BLOCKS = 2  # blocks of a panel that every token goes through before the ne
 Q_BYTES = 64 * 64  # q of one block record
 
 
-def record_bytes(ns: int) -> int:
-    return Q_BYTES + 64 * ns + 512 + 128
+def record_bytes(ns: int, q_bytes: int = Q_BYTES) -> int:
+    """Bytes of a K-quant panel record: q, NS sub-block scales, the bsum multipliers, D and C."""
+    return q_bytes + 64 * ns + 512 + 128
 
 
 REC16 = record_bytes(16)
@@ -72,6 +73,12 @@ def _acc_init(context, builder, sy, ay, yos, first):
     return pys, [cgutils.alloca_once_value(builder, v) for v in init]
 
 
+def _token_ptrs(context, builder, ty, arr, offs, b, per_block, elem):
+    """Per token a pointer to block b of its activation row: element offs[t] + b * per_block."""
+    return [_byte_ptr(context, builder, ty, arr, builder.add(o, builder.mul(b, ir.Constant(b.type, per_block))), elem)
+            for o in offs]
+
+
 def _tile_args(context, builder, signature, args, n, first):
     """The arguments of a tile intrinsic: arrays and their types, the per-token element offsets
     (x, sums, scales), the output pointers and the accumulators."""
@@ -87,7 +94,7 @@ def _gemm_codegen(ns: int, n: int, first: bool, packed: bool = False):
     16c + i (low nibbles) and 16c + 8 + i (high), j = 8c + i; unpacked here, once per tile."""
     per_sub = 64 // ns  # groups of 4 values in one sub-block
     q_bytes = Q_BYTES // 2 if packed else Q_BYTES
-    rec = q_bytes + 64 * ns + 512 + 128
+    rec = record_bytes(ns, q_bytes)
     v16i, v16f = _vec(I32, 16), _vec(F32, 16)
     o_sc, o_m = q_bytes, q_bytes + 64 * ns
     o_d, o_c = o_m + 512, o_m + 576
@@ -99,10 +106,8 @@ def _gemm_codegen(ns: int, n: int, first: bool, packed: bool = False):
         with cgutils.for_range(builder, anb) as loop:
             b = builder.add(loop.index, ab0)
             pb = _byte_ptr(context, builder, sp, ap, builder.mul(b, ir.Constant(b.type, rec)))
-            px = [_byte_ptr(context, builder, sx, ax, builder.add(xos[t], builder.mul(b, ir.Constant(b.type, 256))))
-                  for t in range(n)]
-            pbs = [_byte_ptr(context, builder, sbs, abs_, builder.add(bsos[t], builder.mul(b, ir.Constant(b.type, 16))), 2)
-                   for t in range(n)]
+            px = _token_ptrs(context, builder, sx, ax, xos, b, 256, 1)
+            pbs = _token_ptrs(context, builder, sbs, abs_, bsos, b, 16, 2)
             isum = [zero_i] * n
             if packed:
                 nib = ir.Constant(v16i, [0x0F0F0F0F] * 16)
@@ -169,7 +174,7 @@ panel_gemm16_acc = _gemm_intrinsic(lambda n: _gemm_codegen(16, n, False), _K16 +
 _K4P = "Packed Q4_K panel (raw nibbles) x N Q8_K rows"
 panel_gemm4p = _gemm_intrinsic(lambda n: _gemm_codegen(8, n, True, True), _K4P + " (the first blocks).")
 panel_gemm4p_acc = _gemm_intrinsic(lambda n: _gemm_codegen(8, n, False, True), _K4P + " (further blocks).")
-REC4P = Q_BYTES // 2 + 64 * 8 + 512 + 128
+REC4P = record_bytes(8, Q_BYTES // 2)
 
 
 REC_Q80 = Q_BYTES + 512  # Q8_0 record: q (weights + 128 as u8), then D f32 [8 blocks][16 rows]
@@ -187,12 +192,9 @@ def _q80_gemm_codegen(n: int, first: bool):
         with cgutils.for_range(builder, anb) as loop:
             b = builder.add(loop.index, ab0)
             pb = _byte_ptr(context, builder, sp, ap, builder.mul(b, ir.Constant(b.type, REC_Q80)))
-            px = [_byte_ptr(context, builder, sx, ax, builder.add(xos[t], builder.mul(b, ir.Constant(b.type, 256))))
-                  for t in range(n)]
-            ps = [_byte_ptr(context, builder, ss, as_, builder.add(sos[t], builder.mul(b, ir.Constant(b.type, 8))), 2)
-                  for t in range(n)]
-            pd = [_byte_ptr(context, builder, sxd, axd, builder.add(xdos[t], builder.mul(b, ir.Constant(b.type, 8))), 4)
-                  for t in range(n)]
+            px = _token_ptrs(context, builder, sx, ax, xos, b, 256, 1)
+            ps = _token_ptrs(context, builder, ss, as_, sos, b, 8, 2)
+            pd = _token_ptrs(context, builder, sxd, axd, xdos, b, 8, 4)
             accv = [builder.load(accs[t]) for t in range(n)]
             for blk in range(8):
                 a = [zero_i] * n
@@ -222,9 +224,10 @@ panel_gemm_q80_acc = _gemm_intrinsic(lambda n: _q80_gemm_codegen(n, False), _Q80
 
 
 # ---------------------------------------------------------------------------------------------
-# Repacking, all in vector code: per row and block of 256 four <64 x u8> vectors of the values
-# in natural order, then per vector a 16 x 16 transpose of 32-bit words across the panel's 16
-# rows (row r at byte wo + r * rstride of w); the scales likewise, one transpose per block
+# Repacking, all in vector code: per row and block of 256 the values as vectors of 16 words (four
+# of unpacked bytes in natural order; for Q4_K two of its packed qs words), then per vector a
+# 16 x 16 transpose of 32-bit words across the panel's 16 rows (row r at byte wo + r * rstride of
+# w); the scales likewise, one transpose per block
 # ---------------------------------------------------------------------------------------------
 
 def _transpose16(builder, vs):
@@ -461,7 +464,7 @@ def scratch_panels(n_threads: int, max_nb: int) -> np.ndarray:
 def gemm_tokens(fmt, w, wo, rstride, M, nb, x, s, d, tok, Y, ycol, panels):
     """Y[i, ycol + r] = W[r] . act[tok[i]] for all rows r < M (M % 16 == 0) and i < len(tok):
     W's row r at byte wo + r * rstride of w (nb records of 256 values), act the quantized rows
-    (x values in natural order, s sums, d scales: Q8_K for fmt 0 and 1, Q8_0 for fmt 2)."""
+    (x values in natural order, s sums, d scales: as ACTS[fmt] says)."""
     n_pan = M // ROWS
     nth = min(panels.shape[0], n_pan)
     P = tok.shape[0]
@@ -482,6 +485,11 @@ def panels_for(nb: int) -> np.ndarray:
         _PANELS.clear()
         _PANELS[key] = scratch_panels(*key)
     return _PANELS[key]
+
+
+def acts_of(qtype) -> str:
+    """The activation quantization the panel GEMM of this type reads: "Q8_K" or "Q8_0"."""
+    return ACTS[GEMM_KINDS[qtype.name]]
 
 
 def supports(qtype, rows: int, cols: int) -> bool:
@@ -528,7 +536,7 @@ def quantize_acts(qtype, x: np.ndarray):
     bit for bit as quant/q8k.py, the rows in parallel."""
     x = np.ascontiguousarray(x, np.float32)
     n, k = x.shape
-    if ACTS[GEMM_KINDS[qtype.name]] == "Q8_0":
+    if acts_of(qtype) == "Q8_0":
         qs, d, sums = np.empty((n, k), np.int8), np.empty((n, k // 32), np.float32), np.empty((n, k // 32), np.int16)
         _q80_rows_par(x, qs, d, sums)
         return qs, sums, d
@@ -550,11 +558,6 @@ class SiluActs:
         qs, d, bs = self.qs[:n], self.d[:n], self.bs[:n]
         _silu_mul_q8k_par(gu, self.f, self.h[:n], qs, d, bs)
         return qs, bs, d
-
-
-def silu_mul_acts(gu: np.ndarray, f: int):
-    """silu(gu[:, :f]) * gu[:, f:] quantized to Q8_K."""
-    return SiluActs(gu.shape[0], f)(gu)
 
 
 def matmul(qtype, w: np.ndarray, wo: int, rstride: int, rows: int, cols: int, acts, tok: np.ndarray,

@@ -195,9 +195,9 @@ class KernelHeadLinear:
     def dense_weight(self, name: str) -> torch.Tensor:
         """The weights dequantized to bf16 [H, out, in], in the reused buffer `name` (valid until
         the next call with that name)."""
-        from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
-
         from gguf import GGML_QUANT_SIZES
+
+        from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
 
         n_h, n_out, rb = self.raw.shape
         values, nbytes = GGML_QUANT_SIZES[self.ggml_type]
@@ -208,12 +208,7 @@ class KernelHeadLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         T, H, _ = x.shape  # [T, H, in]
         if self.chunk_dtype(T) is not None:  # dequantized to a reused bf16 buffer, as KernelLinear
-            from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
-
-            n_h, n_out, rb = self.raw.shape
-            cols = x.shape[-1]
-            bits = dequantize_bf16(self.ggml_type, self.raw.reshape(n_h * n_out, rb), bf16_buffer("head", n_h * n_out, cols))
-            return torch.einsum("thi,hoi->tho", x.to(torch.bfloat16), as_bf16(bits).view(n_h, n_out, cols))
+            return torch.einsum("thi,hoi->tho", x.to(torch.bfloat16), self.dense_weight("head"))
         if T >= self._min_tokens:
             return self.dense()(x)
         acts = self._k.quantize_acts(self.spec.act, np.ascontiguousarray(x.detach().numpy().reshape(T * H, -1)))
