@@ -133,8 +133,11 @@ def test_prefill_forward_matches_moe_forward():
 
 @pytest.mark.parametrize("types", [(QT.Q4_K, QT.Q4_K, QT.Q6_K), (QT.Q6_K, QT.Q4_K, QT.Q4_K), (QT.Q4_K, QT.Q4_K, QT.Q8_0)])
 def test_prefill_int8_matches_moe_forward(types):
-    """The panel GEMM path against the row kernels on the same Q8_K activations: only the float
-    summation order differs (types without the GEMM, Q8_0 here, fall back to bf16 groups)."""
+    """The panel GEMM path against the row kernels on the same Q8_K activations (types without the
+    GEMM, Q8_0 here, fall back to bf16 groups). The float summation order differs, so silu(gate)*up
+    can differ in its last bit and its Q8_K rounding then flips a quantum now and then: usually the
+    two agree to ~2e-7, a flip costs ~1e-4 (seen once in CI), hence the bound; the kernels' own bound
+    against the float64 reference in this file (2e-3) holds for this path too."""
     from hybrid_runtime.experts.prefill import prefill_forward
     from hybrid_runtime.quant.cpu_features import has_avx512_vnni
 
@@ -149,9 +152,9 @@ def test_prefill_int8_matches_moe_forward(types):
     ids[:, 1] = rng.integers(1, ex.n_expert, size=T)
     kernels = moe_forward(x, ids, w, ex)
     int8 = prefill_forward(x, ids, w, ex, int8=True, int8_min_tokens=6)
-    limit = 1e-5 if QT.Q8_0 not in types else 3e-2
+    limit = 1e-3 if QT.Q8_0 not in types else 3e-2
     assert rel_l2(int8, kernels) < limit
-    assert rel_l2(int8, reference(x, ids, w, ex, quantize_acts=True)) < (1e-5 if limit < 1e-3 else 5e-2)
+    assert rel_l2(int8, reference(x, ids, w, ex, quantize_acts=True)) < (2e-3 if limit < 1e-2 else 5e-2)
 
 
 def test_configure_threads_sets_both_pools():
