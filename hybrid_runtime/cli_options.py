@@ -11,8 +11,9 @@ from typing import Optional
 import typer
 
 NumaConfig = typer.Option(None, "--numa-config", help="config written by numa-tune (pinned per-node expert threads)")
-ExpertStore = typer.Option("auto", "--expert-store", help="where the weights the CPU reads live: auto (hugepages where THP "
-                           "is granted and the copy fits, else mmap), hugepages (copied), mmap (in place, faulted in at load), lazy")
+ExpertStore = typer.Option("auto", "--expert-store", help="where the weights the CPU reads live: auto (panels on the "
+                           "compiled CPU path, else hugepages where THP is granted and the copy fits, else mmap), panels (repacked "
+                           "16 rows to a vector: the fastest kernels), hugepages (copied), mmap (in place, faulted in at load), lazy")
 Device = typer.Option("auto", "--device", help="auto (GPU when CUDA is present), cpu, or cuda")
 GpuMem = typer.Option(None, "--gpu-mem", help="GPU memory budget, e.g. 22GiB (default: free memory minus a margin)")
 CpuMoe = typer.Option(False, "--cpu-moe", help="keep every routed expert on the CPU (no GPU expert cache)")

@@ -121,8 +121,9 @@ class RuntimeOptions:
     record_routing: str | None = None  # append every token's expert ids per layer to this file
     speculative_prefetch: bool = False  # prefetch layer L+1's likely experts from layer L's hidden state
     cuda_graphs: bool = False  # replay one-token GPU matmuls as CUDA graphs (CUDA only; ignored elsewhere)
-    # where the weights the CPU reads live (experts/store.py): "auto" (hugepages where THP is granted and
-    # the copy fits, else mmap) | "hugepages" (copied) | "mmap" (in place, faulted in at load) | "lazy"
+    # where the weights the CPU reads live (experts/store.py): "auto" (panels where the compiled step runs,
+    # else hugepages where THP is granted and the copy fits, else mmap) | "panels" (matrices repacked into
+    # the panel layout, 16 rows a vector) | "hugepages" (copied) | "mmap" (in place, faulted in at load) | "lazy"
     expert_store: str = "auto"
     progress: bool = False  # progress bars while loading (the CLI turns them on)
     cpu_kernels: bool = True  # False: quantized matmuls as float emulation of the same rounding (slow)
@@ -147,8 +148,8 @@ class RuntimeOptions:
             raise InvalidRequestError("prefill_chunk must be at least 1")
         if self.device not in ("auto", "cpu", "cuda", "hybrid"):
             raise InvalidRequestError(f"device must be auto, cpu, cuda or hybrid, not {self.device!r}")
-        if self.expert_store not in ("auto", "mmap", "lazy", "hugepages"):
-            raise InvalidRequestError(f"expert_store must be auto, mmap, lazy or hugepages, not {self.expert_store!r}")
+        if self.expert_store not in ("auto", "panels", "mmap", "lazy", "hugepages"):
+            raise InvalidRequestError(f"expert_store must be auto, panels, mmap, lazy or hugepages, not {self.expert_store!r}")
         for name in ("expert_profile", "record_routing"):
             _check_writable_path(name, getattr(self, name))
         if self.expert_profile and Path(self.expert_profile).exists():

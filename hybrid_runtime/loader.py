@@ -68,8 +68,10 @@ def build_weights(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, sto
     def experts(layer: int):
         refs = stored[layer]
         if kernel_types_supported(refs):
+            sp = tuple(gf.panels.get(r.name) for r in refs)
             return CpuQuantExperts(*refs, layer=layer, numa=numa, where=store.where(gf.store_report),
-                                   int8_prefill=opts.prefill_precision == "int8")
+                                   int8_prefill=opts.prefill_precision == "int8",
+                                   panels=sp if all(p is not None for p in sp) else None)
         return FloatExperts(*refs, round_act=True)  # types without a kernel (Q4_0, Q5_0, F16, ...)
 
     weights = RoundedWeights(gf, experts, bf16_prefill=opts.prefill_precision == "bf16",
@@ -90,10 +92,15 @@ def numa_executor(opts: RuntimeOptions):
     return NumaExpertExecutor(discover(), cfg.placement, cfg.threads_per_node)
 
 
+# tensors the compiled step reads with its own kernels or gathers rows from: never stored as panels
+_RAW_ONLY = ("attn_k_b.weight", "attn_v_b.weight", "token_embd.weight")
+
+
 def prepared_expert_refs(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, layers=None,
-                         all_weights: bool = False) -> dict:
+                         all_weights: bool = False, panels: bool = False) -> dict:
     """Every MoE layer's expert tensors after the weight store has faulted them in or copied them;
-    all_weights: every other tensor the CPU reads too (the CPU-only path; see experts/store.py)."""
+    all_weights: every other tensor the CPU reads too (the CPU-only path; see experts/store.py);
+    panels: the compiled step runs, so its matrices may be stored as panels (gf.panels)."""
     from hybrid_runtime.experts import store
 
     layers = [l for l in range(cfg.n_layer) if cfg.is_moe_layer(l)] if layers is None else layers
@@ -103,7 +110,8 @@ def prepared_expert_refs(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptio
     mode = opts.expert_store
     if mode == "auto" and opts.numa_config:  # the NUMA executor copies the experts to their nodes itself
         mode = "mmap"
-    gf.store_report = store.prepare(gf, names, mode, opts.progress)
+    as_panels = [n for n in names if not n.endswith(_RAW_ONLY)] if panels else []
+    gf.store_report = store.prepare(gf, names, mode, opts.progress, panels=as_panels)
     return {l: expert_refs(gf, l) for l in layers}
 
 
@@ -125,7 +133,9 @@ def build_network(gf: GGUFModelFile, cfg: ModelConfig, opts: RuntimeOptions, rop
     from hybrid_runtime.errors import UnsupportedModelError
     from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS
 
-    stored = prepared_expert_refs(gf, cfg, opts, all_weights=True)
+    from hybrid_runtime.quant.cpu_features import has_avx512_vnni
+
+    stored = prepared_expert_refs(gf, cfg, opts, all_weights=True, panels=has_avx512_vnni() and cfg.mla_split)
     weights = build_weights(gf, cfg, opts, stored)
     try:
         step = CompiledDeepSeek2(cfg, gf, stored, rope, opts.prefill_chunk)

@@ -168,8 +168,9 @@ def test_expert_reads_count_each_chosen_expert_once_per_step(small_chunk):
     m, rng = small_chunk, np.random.default_rng()
     gf, _, cfg = open_model_file(m.file.path)
     moe = [i for i in range(cfg.n_layer) if cfg.is_moe_layer(i)]
-    per_expert = {i: sum(t.n_bytes for t in gf.tensors.values() if t.name.startswith(f"blk.{i}.") and "_exps" in t.name)
-                  // cfg.n_expert for i in moe}
+    stored = m.file.panels  # the bytes the step reads: the stored panels' where the store made them
+    per_expert = {i: sum(stored[t.name].nbytes if t.name in stored else t.n_bytes for t in gf.tensors.values()
+                         if t.name.startswith(f"blk.{i}.") and "_exps" in t.name) // cfg.n_expert for i in moe}
     caches = [m.new_cache() for _ in range(6)]
     for c in caches:
         m.forward(rng.integers(0, cfg.n_vocab, int(rng.integers(1, 30))).tolist(), c)

@@ -61,7 +61,7 @@ def rope(x, o, n, cos, sin, p):
 
 @numba.njit(cache=True, nogil=True)
 def project(w, jobs, n_jobs, a, act_row, Y, n_chunks):
-    run_jobs(w.space, w.mats, jobs, n_jobs, a.X, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs, act_row, Y, n_chunks)
+    run_jobs(w.space, w.mats, jobs, n_jobs, a.X, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs, act_row, Y, n_chunks, w.wp)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

@@ -32,6 +32,7 @@ from hybrid_runtime.quant import vnni  # noqa: E402
 from hybrid_runtime.quant.floatbits import f16_round  # noqa: E402
 from hybrid_runtime.quant.kernels import (K_Q2_K, K_Q3_K, K_Q4_K, K_Q5_K, K_Q6_K, K_Q8_0,  # noqa: E402
                                           q80_block_dot, q80_pairs_dot)
+from hybrid_runtime.quant.panels import P_Q4_K, P_Q8_0, ROWS, stored_through  # noqa: E402
 from hybrid_runtime.cpu.table import K_F32, M_COLS, M_ESTRIDE, M_KIND, M_NB, M_OFF, M_ROWS, M_RSTRIDE  # noqa: E402
 
 ACT_NONE, ACT_Q8_K, ACT_Q8_0 = 0, 1, 2
@@ -41,7 +42,7 @@ ACT_NONE, ACT_Q8_K, ACT_Q8_0 = 0, 1, 2
 def act_kind(kind):
     if kind == K_F32:
         return ACT_NONE
-    return ACT_Q8_0 if kind == K_Q8_0 else ACT_Q8_K
+    return ACT_Q8_0 if kind == K_Q8_0 or kind == P_Q8_0 else ACT_Q8_K
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -134,7 +135,7 @@ def quantize_rows(X, n_rows, n, need, kq, kn, kd, ks, zq, zd, zs):
 def need_of(*kinds) -> int:
     need = 0
     for k in kinds:
-        need |= 2 if k == K_Q8_0 else (0 if k == K_F32 else 1)
+        need |= 2 if k in (K_Q8_0, P_Q8_0) else (0 if k == K_F32 else 1)
     return need
 
 
@@ -143,7 +144,7 @@ def need_for(mats, m):
     k = mats[m, M_KIND]
     if k == K_F32:
         return 0
-    return 2 if k == K_Q8_0 else 1
+    return 2 if k == K_Q8_0 or k == P_Q8_0 else 1
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -267,47 +268,80 @@ def rows_dot(kind, nb, w, wo, kq, kn, kd, ks, zq, zd, zs, a):
     return vnni.q6k_rows_dot(w, wo, kq, xo, ks, so, kd, do, nb)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def is_panel(kind):  # stored panels (quant/panels.py): 16 rows at a time, lanes = rows
+    return kind >= P_Q4_K
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _boundary(mats, jobs, n_jobs, pos):
+    """A chunk boundary at row pos of the jobs' rows, moved down to the first row of its panel
+    where it falls inside a stored-panel matrix (every thread then works on whole panels)."""
+    j, base = 0, 0
+    while j < n_jobs and base + mats[jobs[j, 0], M_ROWS] <= pos:
+        base += mats[jobs[j, 0], M_ROWS]
+        j += 1
+    if j < n_jobs and is_panel(mats[jobs[j, 0], M_KIND]):
+        return base + (pos - base) // ROWS * ROWS
+    return pos
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
-def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks):
-    """Every job's rows x pairs (see the module docstring); X f32 [act rows, W] for float weights."""
+def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks, wp):
+    """Every job's rows x pairs (see the module docstring); X f32 [act rows, W] for float weights.
+    A stored-panel matrix goes 16 rows at a time, all its pairs in tiles of tokens (wp: per-thread
+    scratch of panels.expansion_bytes, indexed by Numba's thread id)."""
     total = 0
     for j in range(n_jobs):
         total += mats[jobs[j, 0], M_ROWS]
     n_chunks = max(1, min(n_chunks, total))
     for c in prange(n_chunks):
-        start, stop = total * c // n_chunks, total * (c + 1) // n_chunks
+        start = _boundary(mats, jobs, n_jobs, total * c // n_chunks)
+        stop = _boundary(mats, jobs, n_jobs, total * (c + 1) // n_chunks)
+        if start >= stop:
+            continue
         j, base = 0, 0
         while base + mats[jobs[j, 0], M_ROWS] <= start:
             base += mats[jobs[j, 0], M_ROWS]
             j += 1
         r = start - base
-        for _ in range(start, stop):
+        pos = start
+        while pos < stop:
             m = jobs[j, 0]
             kind, nb, cols = mats[m, M_KIND], mats[m, M_NB], mats[m, M_COLS]
-            wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + r * mats[m, M_RSTRIDE]
             col = jobs[j, 4] + r
             p, p1 = jobs[j, 2], jobs[j, 3]
-            if multi_kind(kind):  # the row's blocks unpacked once for 8, 4, then 2 pairs
-                while p + 8 <= p1:
-                    y8 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
-                                  (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3],
-                                   act_row[p + 4], act_row[p + 5], act_row[p + 6], act_row[p + 7]))
-                    for i in range(8):
-                        Y[p + i, col] = y8[i]
-                    p += 8
-                if p + 4 <= p1:
-                    y = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
-                                 (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3]))
-                    Y[p, col], Y[p + 1, col], Y[p + 2, col], Y[p + 3, col] = y[0], y[1], y[2], y[3]
-                    p += 4
-                if p + 2 <= p1:
-                    y2 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs, (act_row[p], act_row[p + 1]))
-                    Y[p, col], Y[p + 1, col] = y2[0], y2[1]
-                    p += 2
-            while p < p1:
-                Y[p, col] = row_dot(kind, nb, cols, space, wo, X, kq, kn, kd, ks, zq, zd, zs, act_row[p])
-                p += 1
-            r += 1
+            if is_panel(kind):  # rows r .. r + 15: panel r // 16, M_RSTRIDE bytes a panel
+                wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + (r // ROWS) * mats[m, M_RSTRIDE]
+                q8 = kind == P_Q8_0
+                xa, sa, da = (zq, zs, zd) if q8 else (kq, ks, kd)
+                stored_through(kind, space[wo:], nb, xa, sa, da, act_row, p, p1, Y, col, wp[numba.get_thread_id()])
+                r += ROWS
+                pos += ROWS
+            else:
+                wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + r * mats[m, M_RSTRIDE]
+                if multi_kind(kind):  # the row's blocks unpacked once for 8, 4, then 2 pairs
+                    while p + 8 <= p1:
+                        y8 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
+                                      (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3],
+                                       act_row[p + 4], act_row[p + 5], act_row[p + 6], act_row[p + 7]))
+                        for i in range(8):
+                            Y[p + i, col] = y8[i]
+                        p += 8
+                    if p + 4 <= p1:
+                        y = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
+                                     (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3]))
+                        Y[p, col], Y[p + 1, col], Y[p + 2, col], Y[p + 3, col] = y[0], y[1], y[2], y[3]
+                        p += 4
+                    if p + 2 <= p1:
+                        y2 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs, (act_row[p], act_row[p + 1]))
+                        Y[p, col], Y[p + 1, col] = y2[0], y2[1]
+                        p += 2
+                while p < p1:
+                    Y[p, col] = row_dot(kind, nb, cols, space, wo, X, kq, kn, kd, ks, zq, zd, zs, act_row[p])
+                    p += 1
+                r += 1
+                pos += 1
             if r == mats[m, M_ROWS]:
                 r = 0
                 j += 1

@@ -27,7 +27,7 @@ from hybrid_runtime.errors import UnsupportedModelError
 from hybrid_runtime.quant.cpu_features import has_avx512_vnni
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
-Weights = namedtuple("Weights", "space mats vecs va layers")
+Weights = namedtuple("Weights", "space mats vecs va layers wp")
 Acts = namedtuple("Acts", "X kq kn kd ks zq zd zs")
 Scratch = namedtuple("Scratch", "jobs ident Y1 Q O Y2 Yx Yd q_abs qpe scores mx olat ids wts probs sel counts offsets "
                                 "pair_tok pair_of_slot touched")
@@ -55,9 +55,12 @@ def build_table(gf: GGUFModelFile, cfg: ModelConfig, experts: dict) -> tb.Weight
         raise UnsupportedModelError("the compiled step needs the attn_k_b/attn_v_b layout")
     t = tb.WeightTable(cfg.n_layer)
 
+    def of(ref):  # the stored panels the loader made of this tensor, else its raw blocks
+        sp = gf.panels.get(ref.name)
+        return t.stored(sp) if sp is not None else t.matrix(ref.data, ref.ggml_type)
+
     def mat(name):
-        ref = gf.tensor(name)
-        return t.matrix(ref.data, ref.ggml_type)
+        return of(gf.tensor(name))
 
     def vec(name):
         return t.vector_of(gf, name)
@@ -84,9 +87,9 @@ def build_table(gf: GGUFModelFile, cfg: ModelConfig, experts: dict) -> tb.Weight
             if gf.has(b + "exp_probs_b.bias"):
                 put(tb.F_BIAS, vec(b + "exp_probs_b.bias"))
             gate, up, down = experts[i]
-            put(tb.F_GATE_X, t.matrix(gate.data, gate.ggml_type))
-            put(tb.F_UP_X, t.matrix(up.data, up.ggml_type))
-            put(tb.F_DOWN_X, t.matrix(down.data, down.ggml_type))
+            put(tb.F_GATE_X, of(gate))
+            put(tb.F_UP_X, of(up))
+            put(tb.F_DOWN_X, of(down))
             if cfg.n_expert_shared:
                 for field, name in ((tb.F_GATE, "ffn_gate_shexp"), (tb.F_UP, "ffn_up_shexp"), (tb.F_DOWN, "ffn_down_shexp")):
                     put(field, mat(f"{b}{name}.weight"))
@@ -112,10 +115,15 @@ class CompiledDeepSeek2:
         t = self.table
         self.embed_ref = gf.tensor("token_embd.weight")
         head_ref = gf.tensor("token_embd.weight" if cfg.tied_output else "output.weight")
-        self.head_mat = t.matrix(head_ref.data, head_ref.ggml_type)
+        sp = gf.panels.get(head_ref.name)
+        self.head_mat = t.stored(sp) if sp is not None else t.matrix(head_ref.data, head_ref.ggml_type)
         self.norm_vec = t.vector_of(gf, "output_norm.weight")
         space, mats = t.finish()
-        self.w = Weights(space, mats, t.vecs, t.vec_arena, t.layers)
+        from hybrid_runtime.quant.panels import expansion_bytes
+
+        max_nb = max([int(mats[i, tb.M_NB]) for i in range(len(mats)) if mats[i, tb.M_KIND] >= tb.P_Q4_K], default=1)
+        wp = np.zeros((numba.config.NUMBA_NUM_THREADS, expansion_bytes(max_nb)), np.uint8)  # by thread id
+        self.w = Weights(space, mats, t.vecs, t.vec_arena, t.layers, wp)
         # chunks of >= prefill_min_tokens tokens go through the torch model (oneDNN GEMMs beat the
         # row kernels there); it reads and writes the same paged cache
         self.prefill_net, self.prefill_min_tokens = prefill_net, prefill_min_tokens
@@ -123,7 +131,8 @@ class CompiledDeepSeek2:
         # bytes of one routed expert (gate + up + down) per layer, for the expert-read counter
         self._expert_bytes = np.zeros(cfg.n_layer, np.int64)
         for i, refs in experts.items():
-            self._expert_bytes[i] = sum(int(r.data.nbytes) for r in refs) // max(cfg.n_expert, 1)
+            self._expert_bytes[i] = sum(int(gf.panels[r.name].nbytes if r.name in gf.panels else r.data.nbytes)
+                                        for r in refs) // max(cfg.n_expert, 1)
         self.max_tokens = max_tokens
         self.dm, self.fd = self._dims()
         self._scratch(max_tokens)

@@ -6,6 +6,10 @@ re-expressed exactly as Q8_0 blocks (their values are fp16 d times small integer
 vec_dot type is Q8_0 in llama.cpp too, so the integer products are the same), and the norm
 vectors, gathered into one small float32 array.
 
+Matrices the loader stored as panels (quant/gemm.StoredPanels, replacing their raw blocks) are
+registered with `stored`: kind P_Q4_K / P_Q6_K / P_Q8_0, the row stride then the bytes of a panel
+of 16 rows.
+
 Layout of the int64 tables (rows are indexed by the ids the layer table holds):
     mats [n_mat, 7]  byte offset from the space's base | kind | rows | cols | row stride | expert stride | act blocks
     vecs [n_vec, 2]  offset into the float32 vector arena | length
@@ -20,6 +24,7 @@ from gguf.quants import dequantize
 
 from hybrid_runtime.errors import UnsupportedModelError
 from hybrid_runtime.quant.kernels import CPU_KERNELS, K_Q8_0
+from hybrid_runtime.quant.panels import P_Q4_K, P_Q6_K, P_Q8_0  # noqa: F401  (the kinds of stored panels)
 
 K_F32 = 6  # float32 weights, float32 activations (the router; F32 files)
 _REPACK_Q8_0 = (QT.Q4_0, QT.Q5_0, QT.IQ4_NL)
@@ -102,6 +107,14 @@ class WeightTable:
         self._arrays.append(data)
         e_stride = data.strides[0] if data.ndim == 3 else 0
         self._mats.append([_addr(data), kind, data.shape[-2], cols, data.strides[-2], e_stride, n_act_blocks])
+        return len(self._mats) - 1
+
+    def stored(self, sp) -> int:
+        """Register stored panels (quant/gemm.StoredPanels): kind = their format, the row stride
+        field = the bytes of one panel of 16 rows, act blocks = records of 256 values; -> matrix id."""
+        self._arrays.append(sp.data)
+        e_stride = sp.estride if sp.n_expert > 1 else 0
+        self._mats.append([_addr(sp.data), sp.fmt, sp.rows, sp.cols, sp.pstride, e_stride, sp.nb])
         return len(self._mats) - 1
 
     def vector(self, values: np.ndarray) -> int:

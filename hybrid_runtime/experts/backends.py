@@ -94,11 +94,12 @@ class FloatExperts(SyncExperts):
 
 class CpuQuantExperts(SyncExperts):
     """The raw GGUF blocks through the Numba kernels (experts/moe_cpu.py): activations quantized to
-    Q8_K/Q8_0 once per layer as llama.cpp does; large groups of a prefill go through torch bf16.
+    Q8_K/Q8_0 once per layer as llama.cpp does; large groups of a prefill go through torch bf16, or
+    the panel GEMM (int8_prefill; with `panels`, the stored panels of gate, up and down, every group).
     With a NUMA executor each node's pinned threads compute their share of the FFN dimension."""
 
     def __init__(self, gate: TensorRef, up: TensorRef, down: TensorRef, layer: int = 0, numa=None,
-                 where: str = "in place (mmap)", int8_prefill: bool = False):
+                 where: str = "in place (mmap)", int8_prefill: bool = False, panels=None):
         from hybrid_runtime.experts import moe_cpu
 
         from hybrid_runtime.experts import prefill
@@ -108,7 +109,7 @@ class CpuQuantExperts(SyncExperts):
         self._moe, self._prefill, self._min_tokens = moe_cpu.moe_forward, prefill.prefill_forward, prefill.TORCH_MIN_TOKENS
         self.weights = moe_cpu.ExpertWeights(gate.data, up.data, down.data, gate.ggml_type, up.ggml_type,
                                              down.ggml_type, n_expert=gate.shape[0], n_ff=gate.shape[1],
-                                             hidden=gate.shape[2])
+                                             hidden=gate.shape[2], panels=panels)
         if numa is not None:
             numa.load({layer: self.weights})
 

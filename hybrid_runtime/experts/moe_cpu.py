@@ -32,6 +32,7 @@ class ExpertWeights:
     n_expert: int
     n_ff: int
     hidden: int
+    panels: tuple | None = None  # (gate, up, down) as quant/gemm.StoredPanels, when the store made them
 
 
 @dataclass(slots=True)

@@ -59,6 +59,8 @@ def _int8_applies(experts: ExpertWeights, f0: int, f1: int) -> bool:
     from hybrid_runtime.quant import gemm
 
     d, f = experts.hidden, experts.n_ff
+    if experts.panels is not None:
+        return f0 == 0 and f1 == f
     if not all(a.flags.c_contiguous for a in (experts.gate, experts.up, experts.down)):
         return False
     return f0 == 0 and f1 == f and gemm.supports(experts.gate_type, f, d) and \
@@ -82,16 +84,37 @@ def _experts_int8(x: np.ndarray, route: Routing, groups: np.ndarray, experts: Ex
     n_max = int(sizes.max()) if len(sizes) else 0
     gu_all = np.empty((n_max, 2 * f), np.float32)  # reused by every group
     silu_acts = gemm.SiluActs(n_max, f) if gemm.acts_of(experts.down_type) == "Q8_K" else None
+    sp = experts.panels
     for g in groups:
         lo, hi = int(route.group_offsets[g]), int(route.group_offsets[g + 1])
         e, tok = int(route.group_expert[g]), route.pair_token[lo:hi]
         gu = gu_all[: hi - lo]
-        gemm.matmul(experts.gate_type, flat[0], e * f * gstride, gstride, f, d, gate_acts, tok, gu, 0)
-        gemm.matmul(experts.up_type, flat[1], e * f * ustride, ustride, f, d, up_acts, tok, gu, f)
+        if sp is not None:  # stored panels: no repack
+            gemm.matmul_stored(sp[0], e, gate_acts, tok, gu, 0)
+            gemm.matmul_stored(sp[1], e, up_acts, tok, gu, f)
+        else:
+            gemm.matmul(experts.gate_type, flat[0], e * f * gstride, gstride, f, d, gate_acts, tok, gu, 0)
+            gemm.matmul(experts.up_type, flat[1], e * f * ustride, ustride, f, d, up_acts, tok, gu, f)
         h8 = silu_acts(gu) if silu_acts is not None \
             else gemm.quantize_acts(experts.down_type, _silu_mul(gu[:, :f], gu[:, f:]))
-        gemm.matmul(experts.down_type, flat[2], e * d * dstride, dstride, d, f, h8,
-                    np.arange(hi - lo, dtype=np.int64), y[lo:hi], 0)
+        own = np.arange(hi - lo, dtype=np.int64)
+        if sp is not None:
+            gemm.matmul_stored(sp[2], e, h8, own, y[lo:hi], 0)
+        else:
+            gemm.matmul(experts.down_type, flat[2], e * d * dstride, dstride, d, f, h8, own, y[lo:hi], 0)
+
+
+_PAIRS: dict[str, np.ndarray] = {}
+
+
+def _pairs_buffer(rows: int, cols: int) -> np.ndarray:
+    """The float32 [rows, cols] expert outputs of a layer's pairs, reused from layer to layer: a
+    fresh 32 MB array per layer (512 tokens x 8 pairs x 2048) took its page faults inside the down
+    projection's kernel (one layer's Q6_K down ran at 156 GMAC/s there, 229 with the buffer kept)."""
+    buf = _PAIRS.get("y")
+    if buf is None or buf.size < rows * cols:
+        buf = _PAIRS["y"] = np.empty(rows * cols, np.float32)
+    return buf[: rows * cols].reshape(rows, cols)
 
 
 def _subset(route: Routing, groups: np.ndarray) -> tuple[Routing, np.ndarray]:
@@ -117,8 +140,9 @@ def prefill_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts
     if not len(route.pair_token):  # every pair has weight 0
         return out if out is not None else np.zeros_like(x)
     if int8 and _int8_applies(experts, f0, f1):
-        big = np.diff(route.group_offsets) >= int8_min_tokens
-        y = np.empty((len(route.pair_token), experts.hidden), np.float32)
+        # stored panels take every group (no repack to amortize; the raw blocks are not resident)
+        big = np.diff(route.group_offsets) >= (1 if experts.panels is not None else int8_min_tokens)
+        y = _pairs_buffer(len(route.pair_token), experts.hidden)
         if (~big).any():
             small_route, small_pairs = _subset(route, np.flatnonzero(~big))
             y[small_pairs] = expert_pairs_forward(x, small_route, experts, f0, f1)

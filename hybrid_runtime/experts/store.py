@@ -8,8 +8,16 @@
 - `mmap`: read in place from the mapped file, zero copy. Pages are faulted in at load
   (MADV_WILLNEED, then one read per page) with a progress bar, so decode never waits on the disk.
 - `lazy`: in place, faulted in on first use (fast start; the first tokens wait on the disk).
-- `auto` (the default): `hugepages` where the kernel grants transparent huge pages on request and
-  the copy fits in the available memory, else `mmap`.
+- `panels`: the matrices the compiled CPU step reads are repacked once into stored panels
+  (quant/gemm.py: 16 rows interleaved so that a vector lane is an output row; the raw blocks'
+  size, +3 % for Q4_K) in anonymous memory advised MADV_HUGEPAGE, and their file pages are
+  released from this process's mapping: the panels replace the raw blocks, which stay readable
+  in place (mmap) for the paths that want them (bf16 / exact prefill). Tensors without a panel
+  layout (other types or shapes, MLA's per-head attn_k_b / attn_v_b, the embedding) are stored
+  as `hugepages` would (or `mmap` without THP).
+- `auto` (the default): `panels` where the caller asks for them (the compiled CPU step on a CPU
+  with AVX-512 VNNI) and the copy fits in the available memory, else `hugepages` where the kernel
+  grants transparent huge pages on request and the copy fits, else `mmap`.
 
 On the CPU-only path the store prepares every tensor the step reads (all but an untied token
 embedding, which is only gathered from); with a GPU, just the routed experts of the CPU's layers.
@@ -65,13 +73,22 @@ def _progress(total: int, label: str, show: bool):
     return p
 
 
-MODES = ("auto", "mmap", "lazy", "hugepages")
+MODES = ("auto", "panels", "mmap", "lazy", "hugepages")
 
 
-def resolve(mode: str, n_bytes: int) -> str:
-    """The store a mode means here: `auto` -> hugepages or mmap (see the module docstring)."""
+def _fits(n_bytes: int) -> bool:
+    import psutil
+
+    return n_bytes * 1.05 + (1 << 30) <= psutil.virtual_memory().available
+
+
+def resolve(mode: str, n_bytes: int, panels: bool = False) -> str:
+    """The store a mode means here: `auto` -> panels (where asked for), hugepages or mmap (see the
+    module docstring)."""
     if mode != "auto":
         return mode
+    if panels and _fits(n_bytes):
+        return "panels"
     from hybrid_runtime.numa.topology import parse_thp
 
     try:
@@ -80,21 +97,35 @@ def resolve(mode: str, n_bytes: int) -> str:
         thp = "unknown"
     if thp not in ("always", "madvise"):
         return "mmap"
-    import psutil
-
-    return "hugepages" if n_bytes * 1.05 + (1 << 30) <= psutil.virtual_memory().available else "mmap"
+    return "hugepages" if _fits(n_bytes) else "mmap"
 
 
-def prepare(gf, names: list[str], mode: str = "auto", show_progress: bool = True) -> StoreReport:
+def panel_names(gf, names) -> list[str]:
+    """Those of the named tensors that have a stored-panel layout (type and shape)."""
+    from hybrid_runtime.quant import gemm
+
+    return [n for n in names if gemm.stored_supported(gf.tensor(n).ggml_type, gf.tensor(n).data.shape)]
+
+
+def prepare(gf, names: list[str], mode: str = "auto", show_progress: bool = True, panels=()) -> StoreReport:
     """Fault in (mmap) or copy (hugepages) the named tensors of gf; a copy replaces the tensor in
-    gf.tensors, so every reader after this one reads the copy."""
+    gf.tensors, so every reader after this one reads the copy. panels: the names that may be
+    stored as panels (mode `panels`, or `auto` with panels): those go to gf.panels instead."""
     import time
 
     import psutil
 
     names = list(dict.fromkeys(names))
     total = sum(gf.tensor(n).n_bytes for n in names)
-    mode = resolve(mode, total)
+    mode = resolve(mode, total, bool(panels))
+    if mode == "panels":
+        t0 = time.perf_counter()
+        as_panels = set(panel_names(gf, [n for n in names if n in set(panels)]))
+        _store_panels(gf, [n for n in names if n in as_panels], show_progress)
+        rest = [n for n in names if n not in as_panels]
+        if rest:
+            prepare(gf, rest, resolve("auto", sum(gf.tensor(n).n_bytes for n in rest)), show_progress)
+        return StoreReport("panels", total, time.perf_counter() - t0)
     # a copy of more than a quarter of RAM also drops the file's pages from the page cache as it
     # goes, so the kernel need not reclaim them while it looks for free huge pages
     drop = _PageCacheDropper(gf) if mode == "hugepages" and total > psutil.virtual_memory().total // 4 else None
@@ -124,10 +155,35 @@ class _PageCacheDropper:
             os.close(fd)
 
 
+def _store_panels(gf, names: list[str], show_progress: bool) -> None:
+    """Each named tensor into stored panels (gf.panels), its file pages released as it goes."""
+    from hybrid_runtime.quant import gemm
+
+    total = sum(gf.tensor(n).n_bytes for n in names)
+    with _progress(total, "storing weights as panels", show_progress and total > (64 << 20)) as bar:
+        for name in names:
+            ref = gf.tensor(name)
+            size = gemm.stored_bytes(ref.ggml_type, ref.data.shape)
+            buf = memory.alloc(size, huge=True)
+            gf.panels[name] = gemm.build_stored(ref.data, ref.ggml_type, buf.array.view(np.uint8))
+            if _in_file(gf, ref):  # the raw blocks stay readable in place, on demand
+                for _, piece in _pieces(ref.data):
+                    memory.madvise(piece, memory.MADV_DONTNEED)
+            _advance(bar, ref.n_bytes)
+
+
+def _in_file(gf, ref: TensorRef) -> bool:
+    """Whether the tensor's bytes are the file's mapped pages (MADV_DONTNEED only drops those)."""
+    m = gf._maps[ref.part]
+    lo, a = memory.address(m), memory.address(ref.data)
+    return lo <= a and a + ref.data.nbytes <= lo + m.nbytes
+
+
 def where(report: StoreReport | None) -> str:
     """How a load summary says where the prepared weights live."""
     mode = report.mode if report is not None else "mmap"
-    return {"hugepages": "copied to huge pages", "lazy": "in place (lazy)"}.get(mode, "in place (mmap)")
+    return {"hugepages": "copied to huge pages", "lazy": "in place (lazy)",
+            "panels": "stored as panels"}.get(mode, "in place (mmap)")
 
 
 def _advance(bar, n: int) -> None:

@@ -1,35 +1,20 @@
-"""Register-tiled integer GEMM for many tokens against K-quant weights (AVX-512 VNNI).
+"""Register-tiled integer GEMM for many tokens against K-quant weights (AVX-512 VNNI): the
+repackers and the drivers of the panel kernels (quant/panels.py, where the layouts are described).
 
-The row kernels (vnni.py) give each output ROW its own accumulators, so every (row, token)
-product ends in sub-block scaling and a horizontal sum. Here a vector lane is an output row:
-16 rows of a matrix are repacked into a *panel* whose 64-byte groups hold 4 consecutive values
-of each of the 16 rows, so one `vpdpbusd` against a token's 4 activation bytes (broadcast)
-advances 16 rows at once, the sub-block scales are one `vpmulld` per 32 (or 16) values for all
-16 rows, and nothing is summed horizontally. A panel is repacked once and serves every token of
-the call (prefill: the tokens one expert got), N tokens at a time held in registers.
-
-Panel layout, per block b of 256 values (one record of `record_bytes(NS)` bytes; Q4_K and Q8_0 below):
-    q   u8    [64 groups][16 rows][4]   values 4g..4g+3 of each row, unsigned
-    sc  i32   [NS][16 rows]             sub-block scales (NS = 8 sub-blocks of 32, or 16 of 16)
-    m   i16x2 [8][16 rows]              per row the multipliers of the Q8_K bsums 2p, 2p+1
-    D   f32   [16 rows], C f32 [16 rows]
-and per (row, token), with the activations as Q8_K (int8 x, bsums per 16, scale dx per block):
-    isum = sum_s sc[s] * (q . x over sub-block s)   (int32, exact)
-    msum = sum_h m[h] * bsum[h]                       (int32, exact)
-    acc  = fma(float(msum), C * dx, fma(float(isum), D * dx, acc))   block after block
-Q6_K: q = 6-bit value (0..63), m = the 16 scales, D = d, C = -32 d (the -32 offset taken back
-through the bsums). Q4_K keeps its nibbles packed: q is u8 [32 words][16 rows][4], word 8c + i of
-a row being its qs bytes 32c + 4i .. 32c + 4i + 3 as stored (low nibbles: group 16c + i, high:
-group 16c + 8 + i), unpacked in the kernel (and / shift per word and tile); m = the sub-block
-min, D = d, C = -dmin. Q8_0 records hold q = weight + 128 and D per 32-block (8 of them), the +128
-taken back with the Q8_0 activation sums. The float order is fixed per (row, token): a token's
-result does not depend on the others in the call.
+Two ways in:
+- `matmul` on raw GGUF blocks: every 16 rows repacked into a per-thread work panel, which then
+  serves every token of the call (prefill of a matrix whose panels are not stored);
+- `StoredPanels`: a matrix (or a stack of experts) repacked once at load into compact panels that
+  replace its raw blocks in memory (`build_stored`), read by `matmul_stored` here and by the
+  compiled CPU step's jobs (cpu/rows.py) for any number of tokens, decode included.
 
 Numba's on-disk cache keys a compiled function on its own source file only; numba_cache.py keys
 the cache directory on this file too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -44,184 +29,10 @@ use_versioned_cache_dir()
 
 from hybrid_runtime.cpu.layers import silu_mul  # noqa: E402
 from hybrid_runtime.cpu.rows import q8k_block, quantize_q8_0_row  # noqa: E402
-from hybrid_runtime.quant.vnni import F16, F32, I8, I32, _q4k_scale_bytes, _byte_ptr, _dpbusd, _dpwssd, _fma, _load, _pick, _vec  # noqa: E402
-
-ROWS = 16  # rows per panel: one 512-bit vector of int32 / float32 lanes
-PASS_BLOCKS = 2  # blocks of a panel that every token goes through before the next ones
-Q_BYTES = 64 * 64  # q of one block record
-
-
-def record_bytes(ns: int, q_bytes: int = Q_BYTES) -> int:
-    """Bytes of a K-quant panel record: q, NS sub-block scales, the bsum multipliers, D and C."""
-    return q_bytes + 64 * ns + 512 + 128
-
-
-REC16 = record_bytes(16)
-
-
-def _splat32(builder, v, ty):
-    vec = builder.insert_element(ir.Constant(_vec(ty, 16), None), v, ir.Constant(I32, 0))
-    return _pick(builder, vec, [0] * 16)
-
-
-def _acc_init(context, builder, sy, ay, yos, first):
-    """Per token a float accumulator <16 x float>: zero on a call's first block, else the partial
-    sums the previous call stored at y (a row's blocks may come in several calls, in order)."""
-    v16f = _vec(F32, 16)
-    pys = [builder.bitcast(_byte_ptr(context, builder, sy, ay, yo, 4), v16f.as_pointer()) for yo in yos]
-    init = [ir.Constant(v16f, [0.0] * 16) if first else builder.load(py, align=4) for py in pys]
-    return pys, [cgutils.alloca_once_value(builder, v) for v in init]
-
-
-def _token_ptrs(context, builder, ty, arr, offs, b, per_block, elem):
-    """Per token a pointer to block b of its activation row: element offs[t] + b * per_block."""
-    return [_byte_ptr(context, builder, ty, arr, builder.add(o, builder.mul(b, ir.Constant(b.type, per_block))), elem)
-            for o in offs]
-
-
-def _tile_args(context, builder, signature, args, n, first):
-    """The arguments of a tile intrinsic: arrays and their types, the per-token element offsets
-    (x, sums, scales), the output pointers and the accumulators."""
-    ap, ab0, anb, ax, axo, as_, aso, axd, axdo, ay, ayo = args
-    sp, _, _, sx, _, ss, _, sxd, _, sy, _ = signature.args
-    xos, sos, dos, yos = ([builder.extract_value(tup, t) for t in range(n)] for tup in (axo, aso, axdo, ayo))
-    pys, accs = _acc_init(context, builder, sy, ay, yos, first)
-    return (ap, ab0, anb, ax, as_, axd), (sp, sx, ss, sxd), (xos, sos, dos), pys, accs
-
-
-def _gemm_codegen(ns: int, n: int, first: bool, packed: bool = False):
-    """packed (Q4_K only): the panel keeps the raw nibbles, word j of a row holding groups
-    16c + i (low nibbles) and 16c + 8 + i (high), j = 8c + i; unpacked here, once per tile."""
-    per_sub = 64 // ns  # groups of 4 values in one sub-block
-    q_bytes = Q_BYTES // 2 if packed else Q_BYTES
-    rec = record_bytes(ns, q_bytes)
-    v16i, v16f = _vec(I32, 16), _vec(F32, 16)
-    o_sc, o_m = q_bytes, q_bytes + 64 * ns
-    o_d, o_c = o_m + 512, o_m + 576
-
-    def codegen(context, builder, signature, args):
-        (ap, ab0, anb, ax, abs_, axd), (sp, sx, sbs, sxd), (xos, bsos, xdos), pys, accs = \
-            _tile_args(context, builder, signature, args, n, first)
-        zero_i = ir.Constant(v16i, [0] * 16)
-        with cgutils.for_range(builder, anb) as loop:
-            b = builder.add(loop.index, ab0)
-            pb = _byte_ptr(context, builder, sp, ap, builder.mul(b, ir.Constant(b.type, rec)))
-            px = _token_ptrs(context, builder, sx, ax, xos, b, 256, 1)
-            pbs = _token_ptrs(context, builder, sbs, abs_, bsos, b, 16, 2)
-            isum = [zero_i] * n
-            if packed:
-                nib = ir.Constant(v16i, [0x0F0F0F0F] * 16)
-                for c in range(4):  # sub-blocks 2c (low nibbles) and 2c + 1 (high)
-                    a_lo, a_hi = [zero_i] * n, [zero_i] * n
-                    for i in range(8):
-                        pv = _load(builder, pb, v16i, 64 * (8 * c + i))
-                        lo = builder.and_(pv, nib)
-                        hi = builder.and_(builder.lshr(pv, ir.Constant(v16i, [4] * 16)), nib)
-                        g_lo, g_hi = 16 * c + i, 16 * c + 8 + i
-                        for t in range(n):
-                            a_lo[t] = _dpbusd(builder, a_lo[t], lo, _splat32(builder, _load(builder, px[t], I32, 4 * g_lo), I32))
-                            a_hi[t] = _dpbusd(builder, a_hi[t], hi, _splat32(builder, _load(builder, px[t], I32, 4 * g_hi), I32))
-                    sc_lo, sc_hi = _load(builder, pb, v16i, o_sc + 128 * c), _load(builder, pb, v16i, o_sc + 128 * c + 64)
-                    isum = [builder.add(builder.add(isum[t], builder.mul(a_lo[t], sc_lo)), builder.mul(a_hi[t], sc_hi))
-                            for t in range(n)]
-            for s in range(0 if packed else ns):
-                a = [zero_i] * n
-                for gi in range(per_sub):
-                    g = s * per_sub + gi
-                    wv = _load(builder, pb, v16i, 64 * g)
-                    for t in range(n):
-                        a[t] = _dpbusd(builder, a[t], wv, _splat32(builder, _load(builder, px[t], I32, 4 * g), I32))
-                scv = _load(builder, pb, v16i, o_sc + 64 * s)
-                isum = [builder.add(isum[t], builder.mul(a[t], scv)) for t in range(n)]
-            msum = [zero_i] * n
-            for p in range(8):
-                mv = _load(builder, pb, v16i, o_m + 64 * p)
-                for t in range(n):
-                    msum[t] = _dpwssd(builder, msum[t], mv, _splat32(builder, _load(builder, pbs[t], I32, 4 * p), I32))
-            dv = _load(builder, pb, v16f, o_d)
-            cv = _load(builder, pb, v16f, o_c)
-            for t in range(n):
-                pd = _byte_ptr(context, builder, sxd, axd, builder.add(xdos[t], b), 4)
-                dx = _splat32(builder, _load(builder, pd, F32), F32)
-                acc = builder.load(accs[t])
-                acc = _fma(builder, builder.sitofp(isum[t], v16f), builder.fmul(dv, dx), acc)
-                acc = _fma(builder, builder.sitofp(msum[t], v16f), builder.fmul(cv, dx), acc)
-                builder.store(acc, accs[t])
-        for t in range(n):
-            builder.store(builder.load(accs[t]), pys[t], align=4)
-        return context.get_dummy_value()
-
-    return codegen
-
-
-def _gemm_intrinsic(codegen_of, doc: str):
-    """An intrinsic f(p, b0, nb, x, xo, s, so, d, do, y, yo): blocks b0 .. b0 + nb - 1 of the
-    panel p (its records from byte 0) against the N activation rows whose element offsets the
-    tuples xo, so, do give, into 16 floats at each element offset of the tuple yo."""
-    def typer(typingctx, p, b0, nb, x, xo, s, so, xd, xdo, y, yo):
-        counts = {getattr(v, "count", -1) for v in (xo, so, xdo, yo)}
-        if len(counts) != 1 or not all(isinstance(v, types.UniTuple) for v in (xo, so, xdo, yo)):
-            return None
-        return types.void(p, b0, nb, x, xo, s, so, xd, xdo, y, yo), codegen_of(xo.count)
-
-    typer.__doc__ = doc
-    return intrinsic(typer)
-
-
-_K16 = "Panel (16 sub-blocks of 16) x N Q8_K rows"
-panel_gemm16 = _gemm_intrinsic(lambda n: _gemm_codegen(16, n, True), _K16 + " (the first blocks).")
-panel_gemm16_acc = _gemm_intrinsic(lambda n: _gemm_codegen(16, n, False), _K16 + " (further blocks).")
-_K4P = "Packed Q4_K panel (raw nibbles) x N Q8_K rows"
-panel_gemm4p = _gemm_intrinsic(lambda n: _gemm_codegen(8, n, True, True), _K4P + " (the first blocks).")
-panel_gemm4p_acc = _gemm_intrinsic(lambda n: _gemm_codegen(8, n, False, True), _K4P + " (further blocks).")
-REC4P = record_bytes(8, Q_BYTES // 2)
-
-
-REC_Q80 = Q_BYTES + 512  # Q8_0 record: q (weights + 128 as u8), then D f32 [8 blocks][16 rows]
-
-
-def _q80_gemm_codegen(n: int, first: bool):
-    """Q8_0 panel x N Q8_0 activation rows: per 32-value block and token, the dot of the unsigned
-    weights less 128 times the block's activation sum, times d_w * d_x, added to the row's sum."""
-    v16i, v16f = _vec(I32, 16), _vec(F32, 16)
-
-    def codegen(context, builder, signature, args):
-        (ap, ab0, anb, ax, as_, axd), (sp, sx, ss, sxd), (xos, sos, xdos), pys, accs = \
-            _tile_args(context, builder, signature, args, n, first)
-        zero_i = ir.Constant(v16i, [0] * 16)
-        with cgutils.for_range(builder, anb) as loop:
-            b = builder.add(loop.index, ab0)
-            pb = _byte_ptr(context, builder, sp, ap, builder.mul(b, ir.Constant(b.type, REC_Q80)))
-            px = _token_ptrs(context, builder, sx, ax, xos, b, 256, 1)
-            ps = _token_ptrs(context, builder, ss, as_, sos, b, 8, 2)
-            pd = _token_ptrs(context, builder, sxd, axd, xdos, b, 8, 4)
-            accv = [builder.load(accs[t]) for t in range(n)]
-            for blk in range(8):
-                a = [zero_i] * n
-                for gi in range(8):
-                    g = 8 * blk + gi
-                    wv = _load(builder, pb, v16i, 64 * g)
-                    for t in range(n):
-                        a[t] = _dpbusd(builder, a[t], wv, _splat32(builder, _load(builder, px[t], I32, 4 * g), I32))
-                dv = _load(builder, pb, v16f, Q_BYTES + 64 * blk)
-                for t in range(n):
-                    xs = builder.shl(builder.sext(_load(builder, ps[t], ir.IntType(16), 2 * blk), I32), ir.Constant(I32, 7))
-                    dot = builder.sub(a[t], _splat32(builder, xs, I32))
-                    dx = _splat32(builder, _load(builder, pd[t], F32, 4 * blk), F32)
-                    accv[t] = _fma(builder, builder.sitofp(dot, v16f), builder.fmul(dv, dx), accv[t])
-            for t in range(n):
-                builder.store(accv[t], accs[t])
-        for t in range(n):
-            builder.store(builder.load(accs[t]), pys[t], align=4)
-        return context.get_dummy_value()
-
-    return codegen
-
-
-_Q80 = "Q8_0 panel (records of 256 values) x N Q8_0 rows (values, int16 sums and float scales per 32)"
-panel_gemm_q80 = _gemm_intrinsic(lambda n: _q80_gemm_codegen(n, True), _Q80 + " (the first blocks).")
-panel_gemm_q80_acc = _gemm_intrinsic(lambda n: _q80_gemm_codegen(n, False), _Q80 + " (further blocks).")
-
+from hybrid_runtime.quant.panels import (P_Q4_K, P_Q6_K, P_Q8_0, PASS_BLOCKS, Q_BYTES, REC16, REC4P, REC_P4,  # noqa: E402
+                                         REC_P6, REC_P8, REC_Q80, ROWS, expansion_bytes, stored_through,
+                                         work_through)
+from hybrid_runtime.quant.vnni import F16, F32, I8, I32, _q4k_scale_bytes, _byte_ptr, _load, _vec  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Repacking, all in vector code: per row and block of 256 the values as vectors of 16 words (four
@@ -389,67 +200,10 @@ def _repack(fmt, w, wo, rstride, nb, pu):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gemm(fmt, pu, b0, nb, x, xo, s, so, d, do, Y, yy):
-    if b0 == 0:
-        if fmt == 3:
-            panel_gemm4p(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
-        elif fmt == 1:
-            panel_gemm16(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
-        else:
-            panel_gemm_q80(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
-    elif fmt == 3:
-        panel_gemm4p_acc(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
-    elif fmt == 1:
-        panel_gemm16_acc(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
-    else:
-        panel_gemm_q80_acc(pu, b0, nb, x, xo, s, so, d, do, Y, yy)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _tile(fmt, pu, b0, nb, x, s, d, tok, p, n, Y, yo):
-    """Tokens tok[p: p + n] (n = 8, 4, 2 or 1) through the repacked panel into Y at the flat
-    element offsets yo + (p + i) * Y.shape[1]; x, s, d the quantized activation rows."""
-    K, S, B, W = x.shape[1], s.shape[1], d.shape[1], Y.shape[1]
-    if n == 8:
-        t = (tok[p], tok[p + 1], tok[p + 2], tok[p + 3], tok[p + 4], tok[p + 5], tok[p + 6], tok[p + 7])
-        yy = (yo + p * W, yo + (p + 1) * W, yo + (p + 2) * W, yo + (p + 3) * W, yo + (p + 4) * W,
-              yo + (p + 5) * W, yo + (p + 6) * W, yo + (p + 7) * W)
-        xo = (t[0] * K, t[1] * K, t[2] * K, t[3] * K, t[4] * K, t[5] * K, t[6] * K, t[7] * K)
-        so = (t[0] * S, t[1] * S, t[2] * S, t[3] * S, t[4] * S, t[5] * S, t[6] * S, t[7] * S)
-        do = (t[0] * B, t[1] * B, t[2] * B, t[3] * B, t[4] * B, t[5] * B, t[6] * B, t[7] * B)
-        _gemm(fmt, pu, b0, nb, x, xo, s, so, d, do, Y, yy)
-    elif n == 4:
-        t4 = (tok[p], tok[p + 1], tok[p + 2], tok[p + 3])
-        yy4 = (yo + p * W, yo + (p + 1) * W, yo + (p + 2) * W, yo + (p + 3) * W)
-        _gemm(fmt, pu, b0, nb, x, (t4[0] * K, t4[1] * K, t4[2] * K, t4[3] * K), s,
-              (t4[0] * S, t4[1] * S, t4[2] * S, t4[3] * S), d, (t4[0] * B, t4[1] * B, t4[2] * B, t4[3] * B), Y, yy4)
-    elif n == 2:
-        t2 = (tok[p], tok[p + 1])
-        _gemm(fmt, pu, b0, nb, x, (t2[0] * K, t2[1] * K), s, (t2[0] * S, t2[1] * S), d, (t2[0] * B, t2[1] * B), Y,
-              (yo + p * W, yo + (p + 1) * W))
-    else:
-        t1 = tok[p]
-        _gemm(fmt, pu, b0, nb, x, (t1 * K,), s, (t1 * S,), d, (t1 * B,), Y, (yo + p * W,))
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
 def panel_rows(fmt, w, wo, rstride, pan, nb, x, s, d, tok, P, Y, ycol, pu):
-    """Rows 16 pan .. 16 pan + 15 of the matrix for all P tokens: one repack, then 8 tokens a tile."""
+    """Rows 16 pan .. 16 pan + 15 of the matrix for all P tokens: one repack, then the tiles."""
     _repack(fmt, w, wo + 16 * pan * rstride, rstride, nb, pu)
-    yo = ycol + 16 * pan
-    for b0 in range(0, nb, PASS_BLOCKS):  # a few blocks for all tokens: they stay in L1
-        k = min(PASS_BLOCKS, nb - b0)
-        p = 0
-        while p + 8 <= P and fmt == 2:  # the K-quant tiles hold 3 vectors a token: 4 fit in registers
-            _tile(fmt, pu, b0, k, x, s, d, tok, p, 8, Y, yo)
-            p += 8
-        while p + 4 <= P:
-            _tile(fmt, pu, b0, k, x, s, d, tok, p, 4, Y, yo)
-            p += 4
-        for n in (2, 1):
-            if p + n <= P:
-                _tile(fmt, pu, b0, k, x, s, d, tok, p, n, Y, yo)
-                p += n
+    work_through(fmt, pu, nb, x, s, d, tok, 0, P, Y, ycol + 16 * pan, pu)
 
 
 def scratch_panels(n_threads: int, max_nb: int) -> np.ndarray:
@@ -567,4 +321,160 @@ def matmul(qtype, w: np.ndarray, wo: int, rstride: int, rows: int, cols: int, ac
     x, s, d = acts
     gemm_tokens(GEMM_KINDS[qtype.name], w, wo, rstride, rows, cols // 256, x, s, d,
                 np.ascontiguousarray(tok, np.int64), out, col, panels_for(cols // 256))
+    return out
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored panels: built once at load, read in place of the raw blocks
+# ---------------------------------------------------------------------------------------------
+
+# type -> (stored format, the work format it is compacted from, raw bytes per 256 values, record bytes)
+STORED = {"Q4_K": (P_Q4_K, 3, 144, REC_P4), "Q6_K": (P_Q6_K, 1, 210, REC_P6), "Q8_0": (P_Q8_0, 2, 272, REC_P8)}
+
+
+@numba.njit(cache=True, nogil=True)
+def _compact(fmt, t, w, wo, rstride, nb, out):
+    """nb work-panel records t -> nb stored records out (the halves read from the raw rows of w
+    at byte wo, row stride rstride): the same integers and floats, narrower (panels.py)."""
+    for b in range(nb):
+        if fmt == P_Q4_K:
+            t0, o0 = b * REC4P, b * REC_P4
+            out[o0: o0 + 2048] = t[t0: t0 + 2048]
+            for j in range(8):
+                for r in range(16):
+                    out[o0 + 2048 + 16 * j + r] = t[t0 + 2048 + 64 * j + 4 * r]  # the i32 scale's low byte
+                    out[o0 + 2176 + 16 * j + r] = t[t0 + 2560 + 64 * j + 4 * r]  # the min's
+            for r in range(16):
+                src = wo + r * rstride + b * 144
+                out[o0 + 2304 + 2 * r] = w[src]
+                out[o0 + 2304 + 2 * r + 1] = w[src + 1]
+                out[o0 + 2336 + 2 * r] = w[src + 2]
+                out[o0 + 2336 + 2 * r + 1] = w[src + 3] ^ 0x80  # C = -dmin: the sign bit flipped
+        elif fmt == P_Q6_K:
+            t0, o0 = b * REC16, b * REC_P6
+            for s in range(16):
+                g, o = t0 + 256 * s, o0 + 192 * s  # work groups 4s .. 4s + 3, 64 bytes each
+                for k in range(64):
+                    g0, g1, g2, g3 = t[g + k], t[g + 64 + k], t[g + 128 + k], t[g + 192 + k]
+                    out[o + k] = (g0 & 15) | ((g1 & 15) << 4)
+                    out[o + 64 + k] = (g2 & 15) | ((g3 & 15) << 4)
+                    out[o + 128 + k] = (g0 >> 4) | ((g1 >> 4) << 2) | ((g2 >> 4) << 4) | ((g3 >> 4) << 6)
+                for r in range(16):
+                    out[o0 + 3072 + 16 * s + r] = t[t0 + 4096 + 64 * s + 4 * r]
+            for r in range(16):
+                src = wo + r * rstride + b * 210 + 208
+                out[o0 + 3328 + 2 * r] = w[src]
+                out[o0 + 3328 + 2 * r + 1] = w[src + 1]
+        else:
+            t0, o0 = b * REC_Q80, b * REC_P8
+            out[o0: o0 + 4096] = t[t0: t0 + 4096]
+            for k in range(8):
+                for r in range(16):
+                    src = wo + r * rstride + b * 272 + 34 * k
+                    out[o0 + 4096 + 32 * k + 2 * r] = w[src]
+                    out[o0 + 4096 + 32 * k + 2 * r + 1] = w[src + 1]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _build(fmt, src_fmt, w, estride, rstride, n_items, n_pan, nb, rec, tmp, out):
+    """Every panel (expert e, rows 16 pan ..) of the raw matrices in w into out, in that order."""
+    nth = tmp.shape[0]
+    for th in prange(nth):
+        t = tmp[th]
+        for i in range(th * n_items // nth, (th + 1) * n_items // nth):
+            e, pan = i // n_pan, i % n_pan
+            wo = e * estride + pan * 16 * rstride
+            _repack(src_fmt, w, wo, rstride, nb, t)
+            _compact(fmt, t, w, wo, rstride, nb, out[i * nb * rec: (i + 1) * nb * rec])
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPanels:
+    """A matrix [rows, cols] or a stack of n_expert of them as stored panels: panel q of expert e
+    at byte e * estride + q * pstride of data, its nb records one after the other."""
+    data: np.ndarray
+    qtype: object
+    fmt: int
+    n_expert: int
+    rows: int
+    cols: int
+
+    @property
+    def nb(self) -> int:
+        return self.cols // 256
+
+    @property
+    def pstride(self) -> int:
+        return self.nb * STORED[self.qtype.name][3]
+
+    @property
+    def estride(self) -> int:
+        return self.rows // ROWS * self.pstride
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_expert * self.estride
+
+
+def stored_supported(qtype, shape) -> bool:
+    """Whether raw blocks of this type and shape ([.., rows, row_bytes]) can be stored as panels."""
+    name = getattr(qtype, "name", str(qtype))
+    if name not in STORED or len(shape) not in (2, 3):
+        return False
+    rows, cols = shape[-2], shape[-1] // STORED[name][2] * 256
+    return shape[-1] % STORED[name][2] == 0 and supports(qtype, rows, cols)
+
+
+def stored_bytes(qtype, shape) -> int:
+    """Bytes of the stored panels of raw blocks of this type and shape ([E,] rows, row_bytes)."""
+    _, _, w_bytes, rec = STORED[qtype.name]
+    E = shape[0] if len(shape) == 3 else 1
+    return E * shape[-2] // ROWS * (shape[-1] // w_bytes) * rec
+
+
+def build_stored(raw: np.ndarray, qtype, out: np.ndarray | None = None) -> StoredPanels:
+    """Raw blocks uint8 [rows, row_bytes] or [E, rows, row_bytes] (stored_supported) -> their
+    stored panels, written into out (uint8, at least the panels' bytes) or a new array."""
+    fmt, src_fmt, w_bytes, rec = STORED[qtype.name]
+    raw = np.ascontiguousarray(raw)
+    E = raw.shape[0] if raw.ndim == 3 else 1
+    rows, rb = raw.shape[-2], raw.shape[-1]
+    nb = rb // w_bytes
+    n_bytes = stored_bytes(qtype, raw.shape)
+    out = np.empty(n_bytes, np.uint8) if out is None else out[:n_bytes]
+    n_threads = numba.get_num_threads()
+    tmp = np.empty((n_threads, REC16 * nb), np.uint8)
+    _build(fmt, src_fmt, raw.reshape(-1), rows * rb, rb, E * (rows // ROWS), rows // ROWS, nb, rec, tmp, out)
+    return StoredPanels(out, qtype, fmt, E, rows, nb * 256)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _stored_tokens(fmt, pan, base, pstride, n_pan, nb, x, s, d, tok, Y, ycol, wp):
+    nth = min(wp.shape[0], n_pan)
+    P = tok.shape[0]
+    for th in prange(nth):
+        for q in range(th * n_pan // nth, (th + 1) * n_pan // nth):
+            stored_through(fmt, pan[base + q * pstride:], nb, x, s, d, tok, 0, P, Y, ycol + ROWS * q, wp[th])
+
+
+_WP: dict[tuple[int, int], np.ndarray] = {}
+
+
+def expansion_scratch(nb: int, n_threads: int | None = None) -> np.ndarray:
+    """Per-thread buffers [threads, bytes] for the P_Q6_K expansion of panels of up to nb records."""
+    n_threads = n_threads or numba.get_num_threads()
+    key = (n_threads, max(nb, 8))
+    if key not in _WP:
+        _WP.clear()
+        _WP[key] = np.zeros((n_threads, expansion_bytes(key[1])), np.uint8)
+    return _WP[key]
+
+
+def matmul_stored(sp: StoredPanels, e: int, acts, tok: np.ndarray, out: np.ndarray, col: int = 0) -> np.ndarray:
+    """out[i, col: col + rows] = W_e . act[tok[i]] for expert e (0 for a plain matrix) of the
+    stored panels sp, acts = quantize_acts(sp.qtype, x)."""
+    x, s, d = acts
+    _stored_tokens(sp.fmt, sp.data, e * sp.estride, sp.pstride, sp.rows // ROWS, sp.nb, x, s, d,
+                   np.ascontiguousarray(tok, np.int64), out, col, expansion_scratch(sp.nb))
     return out

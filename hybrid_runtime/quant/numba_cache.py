@@ -14,7 +14,7 @@ from pathlib import Path
 from hybrid_runtime.quant.cpu_features import PREFETCH_ENV
 
 _SOURCES = ("quant/kernels.py", "quant/vnni.py", "quant/q8k.py", "quant/cpu_features.py",
-            "quant/floatbits.py", "quant/bf16.py", "quant/act_quant.py", "quant/gemm.py", "cpu/table.py", "cpu/rows.py",
+            "quant/floatbits.py", "quant/bf16.py", "quant/act_quant.py", "quant/gemm.py", "quant/panels.py", "cpu/table.py", "cpu/rows.py",
             "cpu/layers.py")
 
 

@@ -111,6 +111,7 @@ class GGUFModelFile:
         self.metadata = self.headers[0].metadata
         self.tensors: dict[str, TensorRef] = {}
         self.store_report = None  # set by experts/store.prepare: where the prepared tensors live
+        self.panels: dict = {}  # name -> quant/gemm.StoredPanels, made by experts/store.prepare
         for i, (header, mm, p) in enumerate(zip(self.headers, self._maps, self.parts)):
             _check_split_part(p, header.metadata, i, len(self.parts))
             for name, ref in _tensor_refs(header, mm, i).items():

@@ -133,20 +133,31 @@ class KernelLinear:
     (`bf16_prefill`; closer to the F32 model than llama.cpp, benchmarks.md) or in float32 with the
     activations rounded as llama.cpp does. With `int8_prefill`, Q4_K, Q6_K and Q8_0 matrices of a
     long chunk go through the integer panel GEMM instead (quant/gemm.py, activations quantized as
-    llama.cpp does), the other types in bf16. No float copy of the weights is kept.
+    llama.cpp does), the other types in bf16. No float copy of the weights is kept. Where the store
+    made stored panels of the matrix (`panels`), those serve few tokens and the int8 route.
     """
 
-    __slots__ = ("raw", "ggml_type", "_k", "_min_tokens", "bf16_prefill", "int8_prefill")
+    __slots__ = ("raw", "ggml_type", "_k", "_min_tokens", "bf16_prefill", "int8_prefill", "panels")
 
-    def __init__(self, raw: np.ndarray, ggml_type, bf16_prefill: bool = False, int8_prefill: bool = False):
+    def __init__(self, raw: np.ndarray, ggml_type, bf16_prefill: bool = False, int8_prefill: bool = False,
+                 panels=None):
         from hybrid_runtime.experts.prefill import TORCH_MIN_TOKENS  # the measured crossover
         from hybrid_runtime.quant import gemm, kernels
 
         self.raw, self.ggml_type, self._k, self._min_tokens = raw, ggml_type, kernels, TORCH_MIN_TOKENS
         self.bf16_prefill = bf16_prefill or int8_prefill  # many tokens: bf16 weights and activations instead
         self.int8_prefill = int8_prefill and raw.flags.c_contiguous and gemm.supports(ggml_type, *self._shape())
+        self.panels = panels  # quant/gemm.StoredPanels of this matrix (the store made them): read instead of raw
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels is not None and (self.int8_prefill or x.shape[0] < self._min_tokens):
+            from hybrid_runtime.quant import gemm
+
+            xs = np.ascontiguousarray(x.detach().float().numpy(), dtype=np.float32)
+            out = np.empty((xs.shape[0], self.panels.rows), np.float32)
+            gemm.matmul_stored(self.panels, 0, gemm.quantize_acts(self.ggml_type, xs),
+                               np.arange(xs.shape[0], dtype=np.int64), out)
+            return torch.from_numpy(out)
         if x.shape[0] < self._min_tokens:
             xs = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
             return torch.from_numpy(self._k.matmul(self.ggml_type, self.raw, xs))
@@ -246,7 +257,7 @@ class RoundedWeights(FloatWeights):
 
         ref = self.gf.tensor(name)
         if self.kernels and ref.ggml_type in CPU_KERNELS and ref.data.ndim == 2:
-            return KernelLinear(ref.data, ref.ggml_type, self.bf16_prefill, self.int8_prefill)
+            return KernelLinear(ref.data, ref.ggml_type, self.bf16_prefill, self.int8_prefill, self.gf.panels.get(name))
         return RoundedLinear(self.matrix(name), ref.ggml_type)
 
     def head_linear(self, name: str):
