@@ -139,6 +139,27 @@ class Model:
         return torch.cat(out).float().cpu().numpy()
 
     @property
+    def prompt_mix_limit(self) -> int:
+        """Prompt chunks shorter than this may share a step with other sequences' tokens
+        (`forward_segments`) and give the bits they give alone; 0 where the network cannot."""
+        if not hasattr(self.net, "forward_segments"):
+            return 0
+        return min(getattr(self.net, "prefill_min_tokens", 1 << 30), self.options.prefill_chunk)
+
+    def forward_segments(self, segments: list[list[int]], caches: list) -> np.ndarray:
+        """One step for several sequences: each segment (a decode token, or a prompt chunk shorter
+        than prompt_mix_limit) at its own cache's next positions -> float32 logits [S, vocab] of
+        every segment's last token; all the tokens share the weight reads (at most prefill_chunk
+        of them). Each row is the same bits as `forward(segment, cache)`."""
+        segs = [self._check_ids(seg) for seg in segments]
+        if len(segs) != len(caches):
+            raise InvalidRequestError(f"{len(segs)} segments for {len(caches)} sequences")
+        limit = self.prompt_mix_limit
+        if not limit or max(len(s) for s in segs) >= max(limit, 2) or sum(map(len, segs)) > self.options.prefill_chunk:
+            return np.concatenate([self.forward(s, c) for s, c in zip(segs, caches)])
+        return self.net.logits(self.net.forward_segments(segs, caches)).float().cpu().numpy()
+
+    @property
     def exact_reuse_unit(self) -> int:
         """A cached prefix computed by another sequence (or an earlier request) gives the same bits
         as computing it anew when it spans whole prefill chunks of this many tokens that were

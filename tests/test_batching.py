@@ -96,6 +96,46 @@ def test_a_sequence_gives_the_same_bits_alone_and_batched(small_chunk):
 
 
 @needs_step
+def test_short_prompt_chunks_join_the_decode_step(small_chunk):
+    """New requests' prompt chunks below the mix limit run in the same step as the running
+    sequences' decode tokens (one weight read), and every request still gets exactly the tokens
+    and log-probabilities it gets alone (where no step is shared)."""
+    m, rng = small_chunk, np.random.default_rng()
+    V, limit = m.config.n_vocab, m.prompt_mix_limit
+    assert 1 < limit <= m.options.prefill_chunk
+    prompts = [rng.integers(0, V, int(rng.integers(2, limit))).tolist() for _ in range(5)]
+    ps = [params(rng, greedy=True) for _ in prompts]
+    refs = []
+    for p, sp in zip(prompts, ps):
+        alone = Engine(m, max_running=1)
+        try:
+            refs.append(run(alone, p, sp)[0])
+        finally:
+            alone.close()
+    shapes = []
+    real = m.forward_segments
+
+    def spy(segments, caches):
+        shapes.append([len(s) for s in segments])
+        return real(segments, caches)
+
+    m.forward_segments = spy
+    crowd = Engine(m, max_running=8, pool_size=8)
+    try:
+        first = crowd.submit(prompts[0], ps[0])
+        got0 = [next(iter(first))]  # the first token: that sequence now decodes
+        hs = [crowd.submit(p, sp) for p, sp in zip(prompts[1:], ps[1:])]
+        got0 += list(first)
+        got = [[(s.token, s.logprob, tuple(s.top_logprobs or ())) for s in got0 if s.token is not None]]
+        got += [[(s.token, s.logprob, tuple(s.top_logprobs or ())) for s in h if s.token is not None] for h in hs]
+    finally:
+        crowd.close()
+        del m.forward_segments
+    assert got == refs
+    assert any(max(s) > 1 and len(s) > 1 for s in shapes)  # a prompt chunk beside other tokens
+
+
+@needs_step
 def test_swarm_shares_the_system_prompt_blocks(small_chunk):
     m, rng = small_chunk, np.random.default_rng()
     V = m.config.n_vocab

@@ -239,17 +239,32 @@ class CompiledDeepSeek2:
     def forward_batch(self, tokens, caches: list[PagedCache]) -> torch.Tensor:
         """One new token for each of B sequences -> hidden [B, D]; each cache grows by one."""
         ids = np.asarray(tokens, np.int64).reshape(-1)
-        for cache in caches:
-            cache.reserve(cache.n_tokens + 1)
-        pos = np.array([c.n_tokens for c in caches], np.int64)
+        return self.forward_segments([[int(t)] for t in ids], caches)
+
+    def forward_segments(self, segments: list, caches: list[PagedCache]) -> torch.Tensor:
+        """Several sequences' new tokens in one step (a decode token, or a short prompt chunk, each
+        at its cache's next positions) -> hidden [S, D] of every segment's last token; each cache
+        grows by its segment. Every token's arithmetic is what it gets alone, so a prompt chunk
+        computed here equals `forward(chunk, cache)` below prefill_min_tokens, bit for bit."""
+        lens = [len(seg) for seg in segments]
+        if len(segments) != len(caches) or min(lens, default=0) < 1:
+            raise ValueError("one non-empty segment per cache")
+        ids = np.asarray([t for seg in segments for t in seg], np.int64)
+        pos = np.empty(len(ids), np.int64)
+        for cache, n in zip(caches, lens):
+            cache.reserve(cache.n_tokens + n)
         width = max(len(c.table) for c in caches)
-        btab = np.zeros((len(caches), width), np.int64)
-        for i, c in enumerate(caches):
-            btab[i, : len(c.table)] = c.table
+        btab = np.zeros((len(ids), width), np.int64)
+        last, i = [], 0
+        for cache, n in zip(caches, lens):
+            pos[i: i + n] = np.arange(cache.n_tokens, cache.n_tokens + n)
+            btab[i: i + n, : len(cache.table)] = cache.table
+            i += n
+            last.append(i - 1)
         x = self._run(ids, pos, btab)
-        for cache in caches:
-            cache.commit(1)
-        return torch.from_numpy(x)
+        for cache, n in zip(caches, lens):
+            cache.commit(n)
+        return torch.from_numpy(np.ascontiguousarray(x[last]))
 
     def _run(self, ids: np.ndarray, pos: np.ndarray, btab: np.ndarray) -> np.ndarray:
         if ids.shape[0] > self.max_tokens:

@@ -208,6 +208,8 @@ class Engine:
         if self.reuse_unit > 1:  # exact reuse: prompts go in the model's own aligned chunks
             self.prefill_chunk = self.reuse_unit
         self._batch = getattr(model, "forward_batch", None)
+        # prompt chunks shorter than this join the decode step (their weight reads shared)
+        self._mix_limit = getattr(model, "prompt_mix_limit", 0) if hasattr(model, "forward_segments") else 0
         self.pool = SequencePool(model.new_cache, pool_size)
         self._waiting: deque[Request] = deque()
         self._running: list[Running] = []
@@ -331,16 +333,64 @@ class Engine:
             self._running.append(Running(req, dec.seq, dec))
 
     def _iteration(self) -> None:
-        """Cancellations, one prompt chunk, one batched decode step."""
+        """Cancellations, then one step: the decode tokens of every running sequence together with
+        the short prompt chunks that fit beside them (one weight read for all), or else one prompt
+        chunk and one batched decode step."""
         for run in list(self._running):
             if run.request.cancelled.is_set():
                 self._emit(run, run.dec.cancel())
+        decoding = [r for r in self._running if r.dec.next_token is not None]
+        mixed = self._guarded_mix(decoding)
+        if mixed:
+            self._guarded(mixed + decoding, lambda: self._mixed_step(mixed, decoding))
+            return
         prefilling = next((r for r in self._running if not r.dec.done and r.dec.next_token is None), None)
         if prefilling is not None:
             self._guarded([prefilling], lambda: self._prefill_chunk(prefilling))
         decoding = [r for r in self._running if r.dec.next_token is not None]
         if decoding:
             self._guarded(decoding, lambda: self._decode(decoding))
+
+    def _guarded_mix(self, decoding: list[Running]) -> list[Running]:
+        """The prefilling requests whose next prompt chunk is short enough to join this step, in
+        arrival order, while the step's tokens stay within one prefill chunk."""
+        if not self._mix_limit:
+            return []
+        # prompt tokens per step: an eighth of a chunk, so a burst of new requests does not stall
+        # the running streams for a whole chunk's compute (16 prompts of 32 in one step: 3 s here)
+        budget = min(self.prefill_chunk - len(decoding), max(1, self.prefill_chunk // 8))
+        picked = []
+        for run in [r for r in self._running if not r.dec.done and r.dec.next_token is None]:
+            try:
+                if not run.dec.started:
+                    self._start(run)
+            except Exception as e:  # noqa: BLE001 - as _guarded: tell its caller, keep serving
+                run.request.sink(e)
+                self._finish(run, reusable=False)
+                continue
+            n = len(self._chunk(run))
+            if n == 0:
+                continue
+            if n >= self._mix_limit or n > budget:
+                break  # arrival order: a long chunk goes alone, first
+            picked.append(run)
+            budget -= n
+        return picked
+
+    def _chunk(self, run: Running) -> list[int]:
+        done = len(run.seq.tokens)
+        return run.dec.pending[: self.prefill_chunk - done % self.prefill_chunk]  # aligned to whole chunks
+
+    def _mixed_step(self, prefilling: list[Running], decoding: list[Running]) -> None:
+        chunks = [self._chunk(r) for r in prefilling]
+        tokens = [r.dec.next_token for r in decoding]
+        logits = self.model.forward_segments(chunks + [[t] for t in tokens],
+                                             [r.seq.cache for r in prefilling + decoding])
+        # not counted as a decode step: its time is mostly the prompt chunks' (stats: decode steps)
+        for run, chunk, row in zip(prefilling, chunks, logits):
+            self._chunk_done(run, chunk, len(run.seq.tokens), row)
+        for run, token, row in zip(decoding, tokens, logits[len(prefilling):]):
+            self._token_done(run, token, row)
 
     def _guarded(self, runs: list[Running], work: Callable[[], None]) -> None:
         try:
@@ -352,18 +402,20 @@ class Engine:
                     self._finish(run, reusable=False)
 
     def _prefill_chunk(self, run: Running) -> None:
-        dec = run.dec
-        if not dec.started:
+        if not run.dec.started:
             self._start(run)
-        seq = dec.seq
-        done = len(seq.tokens)
-        chunk = dec.pending[: self.prefill_chunk - done % self.prefill_chunk]  # aligned to whole chunks
-        logits = self.model.forward(chunk, seq.cache)
+        chunk, done = self._chunk(run), len(run.seq.tokens)
+        logits = self.model.forward(chunk, run.seq.cache)
+        self._chunk_done(run, chunk, done, logits[-1])
+
+    def _chunk_done(self, run: Running, chunk: list[int], done: int, last_logits) -> None:
+        """The prompt chunk went into the cache (done tokens were there before it)."""
+        dec, seq = run.dec, run.seq
         dec.fed(chunk)
         if self.reuse_unit == 1 or (done == seq.exact and len(chunk) == self.prefill_chunk):
             seq.exact = len(seq.tokens)
         if not dec.pending:
-            self._emit(run, dec.accept(logits[-1]))
+            self._emit(run, dec.accept(last_logits))
 
     def _decode(self, runs: list[Running]) -> None:
         tokens = [r.dec.next_token for r in runs]
@@ -374,16 +426,21 @@ class Engine:
             import numpy as np
 
             logits = np.concatenate([self.model.forward([t], r.seq.cache) for t, r in zip(tokens, runs)])
-        dt = time.perf_counter() - t0
+        self._count_step(len(runs), time.perf_counter() - t0)
+        for run, token, row in zip(runs, tokens, logits):
+            self._token_done(run, token, row)
+
+    def _count_step(self, n_decoding: int, dt: float) -> None:
         with self._cond:
-            self._batch_size, self._steps = len(runs), self._steps + 1
-            self._step_tokens += len(runs)
+            self._batch_size, self._steps = n_decoding, self._steps + 1
+            self._step_tokens += n_decoding
             self._step_s += dt
-        for i, run in enumerate(runs):
-            run.dec.fed([tokens[i]])
-            if self.reuse_unit == 1 and run.seq.exact == len(run.seq.tokens) - 1:
-                run.seq.exact += 1
-            self._emit(run, run.dec.accept(logits[i]))
+
+    def _token_done(self, run: Running, token: int, logits) -> None:
+        run.dec.fed([token])
+        if self.reuse_unit == 1 and run.seq.exact == len(run.seq.tokens) - 1:
+            run.seq.exact += 1
+        self._emit(run, run.dec.accept(logits))
 
     def _start(self, run: Running) -> None:
         """Give the request a cache: the pooled sequence sharing most of its prompt, or blocks
