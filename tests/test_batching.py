@@ -103,7 +103,10 @@ def test_short_prompt_chunks_join_the_decode_step(small_chunk):
     m, rng = small_chunk, np.random.default_rng()
     V, limit = m.config.n_vocab, m.prompt_mix_limit
     assert 1 < limit <= m.options.prefill_chunk
-    prompts = [rng.integers(0, V, int(rng.integers(2, limit))).tolist() for _ in range(5)]
+    per_step = Engine(m, max_running=1)
+    budget = per_step.mix_tokens  # prompt tokens a mixed step takes
+    per_step.close()
+    prompts = [rng.integers(0, V, int(rng.integers(2, min(limit, budget + 1)))).tolist() for _ in range(5)]
     ps = [params(rng, greedy=True) for _ in prompts]
     refs = []
     for p, sp in zip(prompts, ps):

@@ -264,7 +264,14 @@ def test_keep_alive_comments_during_a_long_prefill(model_cache):
                 _time.sleep(0.5)
             return forward(ids, cache, all_logits)
 
-        m.forward = slow_forward
+        segments = m.forward_segments
+
+        def slow_segments(segs, caches):  # a short prompt joins the decode step through here
+            if max(map(len, segs)) > 1:
+                _time.sleep(0.5)
+            return segments(segs, caches)
+
+        m.forward, m.forward_segments = slow_forward, slow_segments
         return m
 
     app = create_app(ServerConfig(str(path), keepalive_s=0.05, load_options={"threads": 1}), loader=slow_loader)
