@@ -160,19 +160,31 @@ def _combine(y, y16, row32, pair_slot, pair_weight, n_tok, k, out, add):
     pair_of = np.full(n_tok * k, -1, np.int64)
     for p in range(pair_slot.shape[0]):
         pair_of[pair_slot[p]] = p
+    D = out.shape[1]
     for t in numba.prange(n_tok):
-        for d in range(out.shape[1]):
-            acc = np.float32(0.0)
-            first = True
-            for j in range(k):
-                p = pair_of[t * k + j]
-                if p < 0:
-                    continue
-                r = row32[p]
-                v = pair_weight[p] * (y[r, d] if r >= 0 else f32_bits(np.int32(np.int64(y16[p, d]) << 16)))
-                acc = v if first else acc + v
-                first = False
-            out[t, d] = out[t, d] + acc if add else acc
+        acc = np.zeros(D, np.float32)  # per element the same sums as one element at a time, vectorized
+        first = True
+        for j in range(k):
+            p = pair_of[t * k + j]
+            if p < 0:
+                continue
+            r, w = row32[p], pair_weight[p]
+            if r >= 0:
+                src = y[r]
+                if first:
+                    for d in range(D):
+                        acc[d] = w * src[d]
+                else:
+                    for d in range(D):
+                        acc[d] = acc[d] + w * src[d]
+            else:
+                for d in range(D):
+                    v = w * f32_bits(np.int32(np.int64(y16[p, d]) << 16))
+                    acc[d] = v if first else acc[d] + v
+            first = False
+        row = out[t]
+        for d in range(D):
+            row[d] = row[d] + acc[d] if add else acc[d]
 
 
 def scatter_pairs(out: np.ndarray | None, n_tok: int, route: Routing, y: np.ndarray,
