@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The integer panel GEMM (hybrid_runtime/quant/gemm.py) on its own, fresh random weights:
 
-    python scripts/bench_gemm.py [--threads 2]
+    python scripts/bench_gemm.py [--threads 2] [--stored]
 
 1. the kernel with one panel in cache (1 thread), tiles of 4 / 8 tokens: G multiply-adds/s
    without and with the repack;
@@ -113,11 +113,52 @@ def experts_layer(rng, threads: int) -> None:
     print(f"  the same, every group on one expert's weights: {t * 1e3:.1f} ms, {mac / t / 1e9:.0f} GMAC/s")
 
 
+_SHAPES = ((QT.Q4_K, 768, 2048), (QT.Q6_K, 2048, 768), (QT.Q8_0, 2048, 2048))
+
+
+def stored(rng, threads: int) -> None:
+    """Stored panels against work panels repacked per call: 1 thread in cache, then `threads`
+    threads over 32 experts rotating (from memory), then one GEMV over 64 K rows."""
+    for n_threads, E in ((1, 1), (threads, 32)):
+        numba.set_num_threads(n_threads)
+        for qtype, M, K in _SHAPES:
+            raws = random_blocks(rng, qtype, E * M, K).reshape(E, M, -1)
+            sp = gemm.build_stored(raws, qtype)
+            for T in (1, 4, 64):
+                acts = gemm.quantize_acts(qtype, rng.standard_normal((T, K)).astype(np.float32))
+                tok, y, e = np.arange(T), np.empty((T, M), np.float32), [0]
+
+                def one_stored():
+                    e[0] = (e[0] + 1) % E
+                    gemm.matmul_stored(sp, e[0], acts, tok, y)
+
+                def one_work():
+                    e[0] = (e[0] + 1) % E
+                    gemm.matmul(qtype, raws.reshape(-1), e[0] * raws[0].size, raws.shape[2], M, K, acts, tok, y)
+
+                ts, tw = best(one_stored, 20), best(one_work, 20)
+                print(f"{n_threads} thread(s), {E} expert(s) {qtype.name} {M} x {K}, {T:2d} tokens: stored "
+                      f"{M * K * T / ts / 1e9:6.1f} GMAC/s ({raws[0].nbytes / ts / 1e9:5.1f} GB/s of blocks), "
+                      f"work {M * K * T / tw / 1e9:6.1f}")
+    numba.set_num_threads(threads)
+    for qtype, _, K in _SHAPES:
+        raw = random_blocks(rng, qtype, 1 << 16, K)
+        sp = gemm.build_stored(raw, qtype)
+        acts = gemm.quantize_acts(qtype, rng.standard_normal((1, K)).astype(np.float32))
+        y = np.empty((1, raw.shape[0]), np.float32)
+        t = best(lambda: gemm.matmul_stored(sp, 0, acts, np.zeros(1, np.int64), y), 5)
+        print(f"GEMV over {raw.shape[0]} rows of {qtype.name}, {threads} threads: {sp.nbytes / t / 1e9:.1f} GB/s of panels")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stored", action="store_true", help="the stored panels against work panels (and GEMV from memory)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
+    if args.stored:
+        stored(rng, args.threads)
+        return 0
     kernel_in_cache(rng)
     matrices(rng, args.threads)
     experts_layer(rng, args.threads)
