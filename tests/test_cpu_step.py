@@ -94,9 +94,11 @@ def test_prefill_equals_token_by_token(loaded):
     assert np.array_equal(whole, steps)
 
 
-def test_batched_decode_is_bit_identical_to_alone(loaded):
-    """B sequences at different depths decoded in one step: each one's logits equal its own run."""
-    compiled, _ = loaded("deepseek-v3-tiny", "Q2_K")
+@pytest.mark.parametrize("preset,quant", [("deepseek-v3-tiny", "Q2_K"), ("kimi-k2-tiny", "Q4_K_M")])
+def test_batched_decode_is_bit_identical_to_alone(loaded, preset, quant):
+    """B sequences at different depths decoded in one step: each one's logits equal its own run
+    (Q2_K: the row kernels on raw blocks; Q4_K_M: the stored panels, several tokens a tile)."""
+    compiled, _ = loaded(preset, quant)
     net, rng = compiled.net, np.random.default_rng()
     B = 5
     prompts = [rng.integers(0, compiled.config.n_vocab, int(rng.integers(1, 40))).tolist() for _ in range(B)]
