@@ -102,8 +102,8 @@ def test_stored_panels_cost_the_raw_bytes():
 
 def test_the_store_replaces_the_raw_blocks_with_panels(tiny):
     """expert_store="panels": the step's panel-able matrices are addressed inside the panels (not
-    the file), of the panels' kind; the per-head attn_k_b / attn_v_b stay raw; the file's pages
-    of the stored tensors are not this process's anymore."""
+    the file), of the panels' kind; the per-head attn_k_b / attn_v_b stay raw blocks in the store
+    (the step reads its own panel copy of them)."""
     from hybrid_runtime.cpu import table as tb
 
     path, _ = tiny("kimi-k2-tiny", "Q4_K_M")
@@ -118,8 +118,11 @@ def test_the_store_replaces_the_raw_blocks_with_panels(tiny):
         m = net.w.mats[lt[field]]
         assert m[tb.M_KIND] == sp.fmt >= tb.P_Q4_K
         assert m[tb.M_OFF] == sp.data.__array_interface__["data"][0] - base
+    # the per-head attn_k_b / attn_v_b stay raw blocks for the torch prefill; the step keeps its own
+    # small panel copy of them (k_b's 128 columns zero-padded to a whole record)
     assert "blk.1.attn_k_b.weight" not in gf.panels and "blk.1.attn_v_b.weight" not in gf.panels
-    assert net.w.mats[lt[tb.F_K_B], tb.M_KIND] < tb.P_Q4_K
+    for field in (tb.F_K_B, tb.F_V_B):
+        assert net.w.mats[lt[field], tb.M_KIND] == tb.P_Q8_0
 
 
 def test_panels_and_raw_blocks_give_the_same_model(tiny):

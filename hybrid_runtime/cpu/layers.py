@@ -18,7 +18,8 @@ import numpy as np
 from numba import prange
 
 from hybrid_runtime.quant.floatbits import f32_bits
-from hybrid_runtime.cpu.rows import need_for, quantize_row, quantize_rows, row_dot, run_jobs
+from hybrid_runtime.cpu.rows import is_panel, need_for, quantize_row, quantize_rows, row_dot, run_jobs
+from hybrid_runtime.quant.panels import P_Q8_0, ROWS, stored_through
 from hybrid_runtime.cpu.table import (F_ATTN_NORM, F_BIAS, F_DOWN, F_DOWN_X, F_FFN_NORM, F_GATE,
                                       F_GATE_X, F_K_B, F_KV_A, F_KV_A_NORM, F_MOE, F_O, F_Q_A,
                                       F_Q_A_NORM, F_Q_B, F_ROUTER, F_UP, F_UP_X, F_V_B, K_F32,
@@ -275,14 +276,15 @@ def tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, p):
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, q_abs_t, qpe_t, scores_t, mx_t,
-                   olat_t, X, kq, kn, kd, ks, zq, zd, zs):
+                   olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp):
     """Per (token, group of HG heads): q_abs = k_b q_nope per head; then the group's heads in tiles
     of HT: one pass over the token's cache rows per tile computes every head's score (MLA shares
     one latent across heads), a vectorized softmax, then one pass for o_lat = sum p_j c_j; o =
     v_b o_lat -> O[t, h*V:(h+1)*V]. A group is padded with zero heads to whole tiles, so every
     head runs the same code whatever its group or batch. q_nope rows are quantized in activation
     rows t*H + h; rows T*H + thread*HG + i hold a thread's o_lat rows. (Arrays are passed one by
-    one: Numba's parallel regions take no tuples.)"""
+    one: Numba's parallel regions take no tuples.) Stored-panel k_b / v_b (table.head_panels) go
+    16 rows at a time through the panel kernels, one token a call (wp: their scratch by thread)."""
     H, N, R, V, C, bs, HG, LM = dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_BS], dm[D_HG], dm[D_LMAX]
     kind_k, nb_k, rs_k, es_k, off_k = mats[kb, M_KIND], mats[kb, M_NB], mats[kb, M_RSTRIDE], mats[kb, M_ESTRIDE], mats[kb, M_OFF]
     kind_v, nb_v, rs_v, es_v, off_v = mats[vb, M_KIND], mats[vb, M_NB], mats[vb, M_RSTRIDE], mats[vb, M_ESTRIDE], mats[vb, M_OFF]
@@ -295,11 +297,20 @@ def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, 
         nh = min(H, h0 + HG) - h0
         tid = numba.get_thread_id()
         qa, qp, sc, mx, ol = q_abs_t[tid], qpe_t[tid], scores_t[tid], mx_t[tid], olat_t[tid]
+        one = np.empty(1, np.int64)  # the activation row of a panel call
         for i in range(n_pad):
             if i < nh:
-                for c in range(C):
-                    qa[i * C + c] = row_dot(kind_k, nb_k, N, space, off_k + (h0 + i) * es_k + c * rs_k,
-                                            X, kq, kn, kd, ks, zq, zd, zs, t * H + h0 + i)
+                if is_panel(kind_k):
+                    one[0] = t * H + h0 + i
+                    qa2 = qa.reshape((1, qa.shape[0]))
+                    xa, sa, da = (zq, zs, zd) if kind_k == P_Q8_0 else (kq, ks, kd)
+                    for q in range(C // ROWS):
+                        stored_through(kind_k, space[off_k + (h0 + i) * es_k + q * rs_k:], nb_k, xa, sa, da, one, 0, 1,
+                                       qa2, i * C + ROWS * q, wp[tid])
+                else:
+                    for c in range(C):
+                        qa[i * C + c] = row_dot(kind_k, nb_k, N, space, off_k + (h0 + i) * es_k + c * rs_k,
+                                                X, kq, kn, kd, ks, zq, zd, zs, t * H + h0 + i)
                 for r in range(R):
                     qp[i * R + r] = Q[t, (h0 + i) * (N + R) + N + r]
             else:
@@ -320,9 +331,16 @@ def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, 
             X[arow, :C] = ol[i, :C]
             quantize_row(X[arow], C, need_v, kq, kn, kd, ks, zq, zd, zs, arow)
             h = h0 + i
-            for v_ in range(V):
-                O[t, h * V + v_] = row_dot(kind_v, nb_v, C, space, off_v + h * es_v + v_ * rs_v,
-                                           X, kq, kn, kd, ks, zq, zd, zs, arow)
+            if is_panel(kind_v):
+                one[0] = arow
+                xa, sa, da = (zq, zs, zd) if kind_v == P_Q8_0 else (kq, ks, kd)
+                for q in range(V // ROWS):
+                    stored_through(kind_v, space[off_v + h * es_v + q * rs_v:], nb_v, xa, sa, da, one, 0, 1,
+                                   O, t * O.shape[1] + h * V + ROWS * q, wp[tid])
+            else:
+                for v_ in range(V):
+                    O[t, h * V + v_] = row_dot(kind_v, nb_v, C, space, off_v + h * es_v + v_ * rs_v,
+                                               X, kq, kn, kd, ks, zq, zd, zs, arow)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -361,7 +379,7 @@ def attention(w, lt, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah):
             quantize_row(ah.X[t * H + h], N, need_k, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs, t * H + h)
     attention_core(w.space, w.mats, lt[F_K_B], lt[F_V_B], dm, np.float32(fd[FD_SCALE]), T, pos, btab, lat, pe,
                    s.Q, s.O, s.q_abs, s.qpe, s.scores, s.mx, s.olat, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd,
-                   ah.zs)
+                   ah.zs, w.wp)
     wo = lt[F_O]
     quantize_rows(s.O, T, H * V, need_for(w.mats, wo), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
     if w.mats[wo, M_KIND] == K_F32:  # float weights read the activations themselves

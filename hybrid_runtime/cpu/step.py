@@ -77,8 +77,9 @@ def build_table(gf: GGUFModelFile, cfg: ModelConfig, experts: dict) -> tb.Weight
             put(tb.F_Q_B, mat(b + "attn_q.weight"))
         put(tb.F_KV_A, mat(b + "attn_kv_a_mqa.weight"))
         put(tb.F_KV_A_NORM, vec(b + "attn_kv_a_norm.weight"))
-        put(tb.F_K_B, mat(b + "attn_k_b.weight"))
-        put(tb.F_V_B, mat(b + "attn_v_b.weight"))
+        for field, name in ((tb.F_K_B, "attn_k_b"), (tb.F_V_B, "attn_v_b")):
+            ref = gf.tensor(f"{b}{name}.weight")
+            put(field, t.head_panels(ref.data, ref.ggml_type) if gf.panels else t.matrix(ref.data, ref.ggml_type))
         put(tb.F_O, mat(b + "attn_output.weight"))
         put(tb.F_FFN_NORM, vec(b + "ffn_norm.weight"))
         if cfg.is_moe_layer(i):

@@ -117,6 +117,23 @@ class WeightTable:
         self._mats.append([_addr(sp.data), sp.fmt, sp.rows, sp.cols, sp.pstride, e_stride, sp.nb])
         return len(self._mats) - 1
 
+    def head_panels(self, data: np.ndarray, qtype: QT) -> int:
+        """Per-head matrices [H, R, row_bytes] (MLA's attn_k_b / attn_v_b) as stored panels, their
+        rows zero-padded to whole 256-value records (attn_k_b's 128 columns are half a record: the
+        padding blocks have d = 0, so they add exactly nothing); the raw matrix where the type or
+        the rows do not allow panels. A copy: the raw blocks stay for the torch prefill path
+        (medium-12L: 2.2 MB a layer; Kimi K2: 9 MB of ~10 GB a layer)."""
+        from hybrid_runtime.quant import gemm
+
+        if qtype in _REPACK_Q8_0:
+            data, qtype = q8_0_from_32_blocks(data, qtype), QT.Q8_0
+        if data.ndim == 3 and qtype == QT.Q8_0 and data.shape[-1] % 272:
+            pad = np.zeros((*data.shape[:-1], -data.shape[-1] % 272), np.uint8)  # d = 0, q = 0
+            data = np.concatenate([data, pad], axis=-1)
+        if data.ndim != 3 or not gemm.stored_supported(qtype, data.shape):
+            return self.matrix(data, qtype)
+        return self.stored(gemm.build_stored(data, qtype))
+
     def vector(self, values: np.ndarray) -> int:
         v = np.asarray(values, np.float32).reshape(-1)
         self._vec_chunks.append(v)
