@@ -289,7 +289,7 @@ def _boundary(mats, jobs, n_jobs, pos):
 def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks, wp):
     """Every job's rows x pairs (see the module docstring); X f32 [act rows, W] for float weights.
     A stored-panel matrix goes 16 rows at a time, all its pairs in tiles of tokens (wp: per-thread
-    scratch of panels.expansion_bytes, indexed by Numba's thread id)."""
+    scratch of gemm.scratch_panels, indexed by Numba's thread id)."""
     total = 0
     for j in range(n_jobs):
         total += mats[jobs[j, 0], M_ROWS]

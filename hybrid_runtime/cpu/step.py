@@ -120,10 +120,10 @@ class CompiledDeepSeek2:
         self.head_mat = t.stored(sp) if sp is not None else t.matrix(head_ref.data, head_ref.ggml_type)
         self.norm_vec = t.vector_of(gf, "output_norm.weight")
         space, mats = t.finish()
-        from hybrid_runtime.quant.panels import expansion_bytes
+        from hybrid_runtime.quant.gemm import scratch_panels
 
         max_nb = max([int(mats[i, tb.M_NB]) for i in range(len(mats)) if mats[i, tb.M_KIND] >= tb.P_Q4_K], default=1)
-        wp = np.zeros((numba.config.NUMBA_NUM_THREADS, expansion_bytes(max_nb)), np.uint8)  # by thread id
+        wp = scratch_panels(numba.config.NUMBA_NUM_THREADS, max_nb)  # indexed by Numba's thread id
         self.w = Weights(space, mats, t.vecs, t.vec_arena, t.layers, wp)
         # chunks of >= prefill_min_tokens tokens go through the torch model (oneDNN GEMMs beat the
         # row kernels there); it reads and writes the same paged cache

@@ -344,7 +344,7 @@ class Engine:
             if run.request.cancelled.is_set():
                 self._emit(run, run.dec.cancel())
         decoding = [r for r in self._running if r.dec.next_token is not None]
-        mixed = self._guarded_mix(decoding)
+        mixed = self._mixable(decoding)
         if mixed:
             self._guarded(mixed + decoding, lambda: self._mixed_step(mixed, decoding))
             return
@@ -355,7 +355,7 @@ class Engine:
         if decoding:
             self._guarded(decoding, lambda: self._decode(decoding))
 
-    def _guarded_mix(self, decoding: list[Running]) -> list[Running]:
+    def _mixable(self, decoding: list[Running]) -> list[Running]:
         """The prefilling requests whose next prompt chunk is short enough to join this step, in
         arrival order, while the step's tokens stay within one prefill chunk."""
         if not self._mix_limit:

@@ -13,7 +13,7 @@ import torch
 
 from hybrid_runtime.experts.moe_cpu import (ExpertWeights, Routing, column_slice, check_input,
                                             expert_pairs_forward, group_by_expert, scatter_pairs)
-from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16
+from hybrid_runtime.quant.bf16 import as_bf16, bf16_buffer, dequantize_bf16, reused_buffer
 
 # Tokens in a batch from which the torch model (oneDNN GEMMs on dequantized weights) beats the
 # integer row kernels for the whole layer; the compiled step hands chunks this long to it.
@@ -104,19 +104,6 @@ def _experts_int8(x: np.ndarray, route: Routing, groups: np.ndarray, experts: Ex
             gemm.matmul(experts.down_type, flat[2], e * d * dstride, dstride, d, f, h8, own, y[lo:hi], 0)
 
 
-_PAIRS: dict[str, np.ndarray] = {}
-
-
-def _pairs_buffer(rows: int, cols: int) -> np.ndarray:
-    """The float32 [rows, cols] expert outputs of a layer's pairs, reused from layer to layer: a
-    fresh 32 MB array per layer (512 tokens x 8 pairs x 2048) took its page faults inside the down
-    projection's kernel (one layer's Q6_K down ran at 156 GMAC/s there, 229 with the buffer kept)."""
-    buf = _PAIRS.get("y")
-    if buf is None or buf.size < rows * cols:
-        buf = _PAIRS["y"] = np.empty(rows * cols, np.float32)
-    return buf[: rows * cols].reshape(rows, cols)
-
-
 def _subset(route: Routing, groups: np.ndarray) -> tuple[Routing, np.ndarray]:
     """The routing restricted to some groups, and the indices of its pairs in the full routing."""
     sizes = np.diff(route.group_offsets)[groups]
@@ -142,7 +129,9 @@ def prefill_forward(x: np.ndarray, ids: np.ndarray, weights: np.ndarray, experts
     if int8 and _int8_applies(experts, f0, f1):
         # stored panels take every group (no repack to amortize; the raw blocks are not resident)
         big = np.diff(route.group_offsets) >= (1 if experts.panels is not None else int8_min_tokens)
-        y = _pairs_buffer(len(route.pair_token), experts.hidden)
+        # reused from layer to layer: a fresh 32 MB array per layer (512 tokens x 8 pairs x 2048)
+        # took its page faults inside the down projection's kernel (Q6_K down 156 -> 229 GMAC/s)
+        y = reused_buffer("pairs", len(route.pair_token), experts.hidden, np.float32)
         if (~big).any():
             small_route, small_pairs = _subset(route, np.flatnonzero(~big))
             y[small_pairs] = expert_pairs_forward(x, small_route, experts, f0, f1)

@@ -52,13 +52,20 @@ def as_bf16(bits: np.ndarray):
     return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
 
 
-_BUFFERS: dict[str, np.ndarray] = {}
+_BUFFERS: dict[tuple[str, str], np.ndarray] = {}
+
+
+def reused_buffer(name: str, rows: int, cols: int, dtype=np.uint16) -> np.ndarray:
+    """A reused [rows, cols] buffer (a fresh 10-30 MB array per call would cost its page faults,
+    and above glibc's mmap threshold it gets them every time); one per name and dtype, so callers
+    that hold two at once use two names."""
+    key = (name, np.dtype(dtype).str)
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.size < rows * cols:
+        buf = _BUFFERS[key] = np.empty(rows * cols, dtype)
+    return buf[: rows * cols].reshape(rows, cols)
 
 
 def bf16_buffer(name: str, rows: int, cols: int) -> np.ndarray:
-    """A reused uint16 [rows, cols] buffer (a fresh 10 MB array per call would cost its page
-    faults); one per name, so callers that hold two at once use two names."""
-    buf = _BUFFERS.get(name)
-    if buf is None or buf.size < rows * cols:
-        buf = _BUFFERS[name] = np.empty(rows * cols, np.uint16)
-    return buf[: rows * cols].reshape(rows, cols)
+    """A reused uint16 [rows, cols] buffer of bf16 bits (reused_buffer)."""
+    return reused_buffer(name, rows, cols, np.uint16)

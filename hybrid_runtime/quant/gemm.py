@@ -29,8 +29,8 @@ use_versioned_cache_dir()
 
 from hybrid_runtime.cpu.layers import silu_mul  # noqa: E402
 from hybrid_runtime.cpu.rows import q8k_block, quantize_q8_0_row  # noqa: E402
-from hybrid_runtime.quant.panels import (P_Q4_K, P_Q6_K, P_Q8_0, PASS_BLOCKS, Q_BYTES, REC16, REC4P, REC_P4,  # noqa: E402
-                                         REC_P6, REC_P8, REC_Q80, ROWS, expansion_bytes, stored_through,
+from hybrid_runtime.quant.panels import (P_Q4_K, P_Q6_K, P_Q8_0, Q_BYTES, REC16, REC4P, REC_P4, REC_P6,  # noqa: E402
+                                         REC_P8, REC_Q80, ROWS, _store_vec, stored_through,
                                          work_through)
 from hybrid_runtime.quant.vnni import F16, F32, I8, I32, _q4k_scale_bytes, _byte_ptr, _load, _vec  # noqa: E402
 
@@ -88,11 +88,6 @@ def _q80_values(builder, pw):  # 8 Q8_0 blocks (272 bytes) -> 4 x <16 x i32> of 
     return out
 
 
-def _store16(builder, pb, byte_off, vec):
-    dst = builder.gep(pb, [ir.Constant(I32, byte_off)])
-    builder.store(vec, builder.bitcast(dst, vec.type.as_pointer()), align=4)
-
-
 def _halves(builder, ptrs, byte_off):
     """The fp16 at byte_off of each of the 16 row pointers, as <16 x float>."""
     v = ir.Constant(_vec(ir.IntType(16), 16), None)
@@ -106,11 +101,11 @@ def _q4k_scales(builder, ptrs, pb, q_bytes=Q_BYTES):
     cols = _transpose16(builder, rows)
     o_m = q_bytes + 64 * 8
     for j in range(8):
-        _store16(builder, pb, q_bytes + 64 * j, cols[j])
+        _store_vec(builder, pb, q_bytes + 64 * j, cols[j])
         mn = cols[8 + j]
-        _store16(builder, pb, o_m + 64 * j, builder.or_(mn, builder.shl(mn, ir.Constant(_vec(I32, 16), [16] * 16))))
-    _store16(builder, pb, o_m + 512, _halves(builder, ptrs, 0))
-    _store16(builder, pb, o_m + 576, builder.fneg(_halves(builder, ptrs, 2)))
+        _store_vec(builder, pb, o_m + 64 * j, builder.or_(mn, builder.shl(mn, ir.Constant(_vec(I32, 16), [16] * 16))))
+    _store_vec(builder, pb, o_m + 512, _halves(builder, ptrs, 0))
+    _store_vec(builder, pb, o_m + 576, builder.fneg(_halves(builder, ptrs, 2)))
 
 
 def _q6k_scales(builder, ptrs, pb):
@@ -119,18 +114,18 @@ def _q6k_scales(builder, ptrs, pb):
     o_m = Q_BYTES + 64 * 16
     low16 = ir.Constant(_vec(I32, 16), [0xFFFF] * 16)
     for h in range(16):
-        _store16(builder, pb, Q_BYTES + 64 * h, cols[h])
+        _store_vec(builder, pb, Q_BYTES + 64 * h, cols[h])
     for p in range(8):
         pair = builder.or_(builder.and_(cols[2 * p], low16), builder.shl(cols[2 * p + 1], ir.Constant(_vec(I32, 16), [16] * 16)))
-        _store16(builder, pb, o_m + 64 * p, pair)
+        _store_vec(builder, pb, o_m + 64 * p, pair)
     d = _halves(builder, ptrs, 208)
-    _store16(builder, pb, o_m + 512, d)
-    _store16(builder, pb, o_m + 576, builder.fmul(d, ir.Constant(_vec(F32, 16), [-32.0] * 16)))
+    _store_vec(builder, pb, o_m + 512, d)
+    _store_vec(builder, pb, o_m + 576, builder.fmul(d, ir.Constant(_vec(F32, 16), [-32.0] * 16)))
 
 
 def _q80_scales(builder, ptrs, pb):
     for k in range(8):
-        _store16(builder, pb, Q_BYTES + 64 * k, _halves(builder, ptrs, 34 * k))
+        _store_vec(builder, pb, Q_BYTES + 64 * k, _halves(builder, ptrs, 34 * k))
 
 
 def _q4k_packed_values(builder, pw):  # 144-byte block -> 2 x <16 x i32>: the raw qs words
@@ -152,7 +147,7 @@ def _repack_codegen(values_fn, scales_fn, w_bytes, rec):
             rows = [values_fn(builder, p) for p in ptrs]
             for v in range(len(rows[0])):
                 for gi, vec in enumerate(_transpose16(builder, [rows[r][v] for r in range(ROWS)])):
-                    _store16(builder, pb, 64 * (16 * v + gi), vec)
+                    _store_vec(builder, pb, 64 * (16 * v + gi), vec)
             scales_fn(builder, ptrs, pb)
         return context.get_dummy_value()
 
@@ -207,7 +202,8 @@ def panel_rows(fmt, w, wo, rstride, pan, nb, x, s, d, tok, P, Y, ycol, pu):
 
 
 def scratch_panels(n_threads: int, max_nb: int) -> np.ndarray:
-    """One panel buffer per thread (uint32 words, 64-byte aligned)."""
+    """One panel buffer per thread (uint32 words, 64-byte aligned): a work panel of up to max_nb
+    records, or the P_Q6_K expansion of a stored panel (panels.stored_through)."""
     words = REC16 * max_nb // 4
     buf = np.empty(n_threads * words + 16, np.uint32)
     off = (-buf.ctypes.data % 64) // 4
@@ -458,23 +454,10 @@ def _stored_tokens(fmt, pan, base, pstride, n_pan, nb, x, s, d, tok, Y, ycol, wp
             stored_through(fmt, pan[base + q * pstride:], nb, x, s, d, tok, 0, P, Y, ycol + ROWS * q, wp[th])
 
 
-_WP: dict[tuple[int, int], np.ndarray] = {}
-
-
-def expansion_scratch(nb: int, n_threads: int | None = None) -> np.ndarray:
-    """Per-thread buffers [threads, bytes] for the P_Q6_K expansion of panels of up to nb records."""
-    n_threads = n_threads or numba.get_num_threads()
-    key = (n_threads, max(nb, 8))
-    if key not in _WP:
-        _WP.clear()
-        _WP[key] = np.zeros((n_threads, expansion_bytes(key[1])), np.uint8)
-    return _WP[key]
-
-
 def matmul_stored(sp: StoredPanels, e: int, acts, tok: np.ndarray, out: np.ndarray, col: int = 0) -> np.ndarray:
     """out[i, col: col + rows] = W_e . act[tok[i]] for expert e (0 for a plain matrix) of the
     stored panels sp, acts = quantize_acts(sp.qtype, x)."""
     x, s, d = acts
     _stored_tokens(sp.fmt, sp.data, e * sp.estride, sp.pstride, sp.rows // ROWS, sp.nb, x, s, d,
-                   np.ascontiguousarray(tok, np.int64), out, col, expansion_scratch(sp.nb))
+                   np.ascontiguousarray(tok, np.int64), out, col, panels_for(sp.nb))
     return out

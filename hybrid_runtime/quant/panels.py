@@ -467,7 +467,7 @@ def _make_tile(gemm):
 def _make_through(tile, q6_tile):
     """The driver of one panel for a run of tokens. A stored P_Q6_K panel
     whose tokens need more than one tile is expanded pass by pass into the work format in wbuf
-    (per thread, >= nb * REC16 bytes) and read there: same bits, the unpacking paid once a pass."""
+    (per thread, >= nb * REC16 bytes: quant/gemm.scratch_panels) and read there: same bits, the unpacking paid once a pass."""
     @numba.njit(nogil=True, inline="always")
     def through(fmt, pu, nb, x, s, d, tok, p0, p1, Y, yo, wbuf):
         """Tokens tok[p0: p1] through one panel (nb records from byte 0 of pu, format fmt) into the
@@ -508,7 +508,3 @@ _q6_tile = _make_tile(_gemm_q6_work)
 work_through = _make_through(_make_tile(_gemm_work), _q6_tile)
 stored_through = _make_through(_make_tile(_gemm_stored), _q6_tile)
 
-
-def expansion_bytes(nb: int) -> int:
-    """Per-thread scratch stored_through needs for panels of nb records (P_Q6_K expansion)."""
-    return REC16 * max(nb, 1)
