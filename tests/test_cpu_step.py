@@ -115,6 +115,46 @@ def test_batched_decode_is_bit_identical_to_alone(loaded, preset, quant):
     assert np.array_equal(batched, np.stack(alone))
 
 
+@pytest.mark.parametrize("preset,quant", [CASES[0], CASES[1]])
+def test_chunks_by_cost_cover_every_row_once(loaded, preset, quant):
+    """run_jobs cuts the jobs' rows into chunks of equal cost (rows x (2 + pairs)): experts with
+    uneven numbers of tokens, any chunk count -> every output the same bits as one chunk, and the
+    boundaries rise from 0 to all the rows, on whole panels inside stored-panel matrices."""
+    from hybrid_runtime.cpu.layers import project
+    from hybrid_runtime.cpu.rows import _boundary, _job_cost, is_panel, quantize_rows
+
+    compiled, _ = loaded(preset, quant)
+    net, rng = compiled.net, np.random.default_rng()
+    w, s, a, mats = net.w, net.s, net.a, net.w.mats
+    lt = w.layers[next(i for i in range(compiled.config.n_layer) if w.layers[i][tb.F_MOE])]
+    gx, ux = lt[tb.F_GATE_X], lt[tb.F_UP_X]
+    F, D = int(mats[gx, tb.M_ROWS]), compiled.config.n_embd
+    P = min(a.X.shape[0], s.Yx.shape[0])
+    a.X[:P, :D] = rng.standard_normal((P, D)).astype(np.float32)
+    quantize_rows(a.X, P, D, 3, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
+    cuts = np.sort(rng.choice(np.arange(1, P), size=min(3, P - 1), replace=False))
+    spans = list(zip([0, *cuts], [*cuts, P]))  # 4 experts with different numbers of pairs
+    jobs = np.zeros_like(s.jobs)
+    for k, (p0, p1) in enumerate(spans):
+        e = int(rng.integers(0, compiled.config.n_expert))
+        jobs[2 * k], jobs[2 * k + 1] = (gx, e, p0, p1, 0), (ux, e, p0, p1, F)
+    n_jobs = 2 * len(spans)
+    act_row = np.arange(P, dtype=np.int64)
+    ref = np.full((P, 2 * F), np.nan, np.float32)
+    project(w, jobs, n_jobs, a, act_row, ref, 1)
+    assert not np.isnan(ref).any()
+    total = sum(_job_cost(mats, jobs, j) for j in range(n_jobs))
+    rows = sum(int(mats[jobs[j, 0], tb.M_ROWS]) for j in range(n_jobs))
+    for n_chunks in (2, 7, 8, 13):
+        y = np.full_like(ref, np.nan)
+        project(w, jobs, n_jobs, a, act_row, y, n_chunks)
+        assert np.array_equal(y, ref), n_chunks
+        cut = [_boundary(mats, jobs, n_jobs, total * c // n_chunks) for c in range(n_chunks + 1)]
+        assert cut[0] == 0 and cut[-1] == rows and all(x <= y_ for x, y_ in zip(cut, cut[1:]))
+        if is_panel(mats[gx, tb.M_KIND]):
+            assert all(c % 16 == 0 for c in cut)
+
+
 def test_cache_blocks_return_to_the_pool(loaded):
     compiled, _ = loaded("kimi-k2-tiny", "Q4_K_M")
     c = compiled.new_cache()

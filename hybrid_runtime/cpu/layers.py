@@ -275,9 +275,10 @@ def tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, p):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, q_abs_t, qpe_t, scores_t, mx_t,
-                   olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp):
-    """Per (token, group of HG heads): q_abs = k_b q_nope per head; then the group's heads in tiles
+def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, cos, sin, Q, O, q_abs_t, qpe_t, scores_t,
+                   mx_t, olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp):
+    """Per (token, group of HG heads): each head's rope of q_pe and its quantized q_nope row (here,
+    not before the region: the T x H rows in parallel), q_abs = k_b q_nope; then the heads in tiles
     of HT: one pass over the token's cache rows per tile computes every head's score (MLA shares
     one latent across heads), a vectorized softmax, then one pass for o_lat = sum p_j c_j; o =
     v_b o_lat -> O[t, h*V:(h+1)*V]. A group is padded with zero heads to whole tiles, so every
@@ -288,7 +289,7 @@ def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, 
     H, N, R, V, C, bs, HG, LM = dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_BS], dm[D_HG], dm[D_LMAX]
     kind_k, nb_k, rs_k, es_k, off_k = mats[kb, M_KIND], mats[kb, M_NB], mats[kb, M_RSTRIDE], mats[kb, M_ESTRIDE], mats[kb, M_OFF]
     kind_v, nb_v, rs_v, es_v, off_v = mats[vb, M_KIND], mats[vb, M_NB], mats[vb, M_RSTRIDE], mats[vb, M_ESTRIDE], mats[vb, M_OFF]
-    need_v = need_for(mats, vb)
+    need_v, need_k = need_for(mats, vb), need_for(mats, kb)
     n_groups = (H + HG - 1) // HG
     n_pad = (HG + HT - 1) // HT * HT
     for item in prange(T * n_groups):
@@ -300,6 +301,10 @@ def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, Q, O, 
         one = np.empty(1, np.int64)  # the activation row of a panel call
         for i in range(n_pad):
             if i < nh:
+                h, arow = h0 + i, t * H + h0 + i
+                rope(Q[t], h * (N + R) + N, R, cos, sin, pos[t])
+                X[arow, :N] = Q[t, h * (N + R): h * (N + R) + N]
+                quantize_row(X[arow], N, need_k, kq, kn, kd, ks, zq, zd, zs, arow)
                 if is_panel(kind_k):
                     one[0] = t * H + h0 + i
                     qa2 = qa.reshape((1, qa.shape[0]))
@@ -366,19 +371,14 @@ def attention(w, lt, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah):
     else:
         for t in range(T):
             s.Q[t, :HQ] = s.Y1[t, :HQ]
-    need_k = need_for(w.mats, lt[F_K_B])
-    for t in range(T):
+    for t in range(T):  # the new latent rows (every token's attention reads them); q: in attention_core
         row = cache_row(btab, t, pos[t], dm[D_BS])
         rms_norm(s.Y1[t, q_cols:], C, w.va, w.vecs[lt[F_KV_A_NORM], 0], fd[FD_EPS], lat[row])
         for r in range(R):
             pe[row, r] = s.Y1[t, q_cols + C + r]
         rope(pe[row], 0, R, cos, sin, pos[t])
-        for h in range(H):
-            rope(s.Q[t], h * (N + R) + N, R, cos, sin, pos[t])
-            ah.X[t * H + h, :N] = s.Q[t, h * (N + R): h * (N + R) + N]
-            quantize_row(ah.X[t * H + h], N, need_k, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd, ah.zs, t * H + h)
     attention_core(w.space, w.mats, lt[F_K_B], lt[F_V_B], dm, np.float32(fd[FD_SCALE]), T, pos, btab, lat, pe,
-                   s.Q, s.O, s.q_abs, s.qpe, s.scores, s.mx, s.olat, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd,
+                   cos, sin, s.Q, s.O, s.q_abs, s.qpe, s.scores, s.mx, s.olat, ah.X, ah.kq, ah.kn, ah.kd, ah.ks, ah.zq, ah.zd,
                    ah.zs, w.wp)
     wo = lt[F_O]
     quantize_rows(s.O, T, H * V, need_for(w.mats, wo), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)

@@ -4,11 +4,11 @@ projection goes through.
 
 A job is (matrix, expert, p0, p1, y_col): for every row r of the matrix (of that expert) and
 every pair p in [p0, p1): Y[p, y_col + r] = W[r] . act[act_row[p]]. The rows of all jobs of a
-call are cut into contiguous chunks, so each thread streams contiguous weight bytes and the
-pairs of a job reuse each row from L1; for the quantized kinds of Q4_K_M files (Q4_K, Q5_K,
-Q6_K, Q8_0) the pairs go 8, 4, then 2 at a time through `rows_dot`, which reads and unpacks each
-weight block once for all of them (the batched step's saving: 2-3x less work per pair, measured
-in docs/benchmarks.md). Each (row, pair) product is computed the same way whatever else is in the
+call are cut into contiguous chunks of about equal cost (rows x (2 + pairs)), so each thread
+streams contiguous weight bytes and the pairs of a job reuse each row from L1; for the quantized
+kinds of Q4_K_M files (Q4_K, Q5_K, Q6_K, Q8_0) the pairs go 8, 4, then 2 at a time through
+`rows_dot`, which reads and unpacks each weight block once for all of them (the batched step's
+saving: 2-3x less work per pair, measured in docs/benchmarks.md). Each (row, pair) product is computed the same way whatever else is in the
 call, alone or in a group: a token's arithmetic does not depend on its batch.
 
 Activation scratch (rows of a fixed width W, the widest input):
@@ -124,11 +124,25 @@ def quantize_row(x, n, need, kq, kn, kd, ks, zq, zd, zs, a):
         quantize_q8_0_row(x, n, zq, zd, zs, a)
 
 
+SERIAL_VALUES = 4096  # a quantization of fewer values runs on the calling thread: a parallel region
+# costs more than it saves there (decode's one row of hidden 2048; every row of the tiny models)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
-def quantize_rows(X, n_rows, n, need, kq, kn, kd, ks, zq, zd, zs):
-    """Rows 0..n_rows of X [rows, >= n] into the same rows of the scratch."""
+def _quantize_rows_par(X, n_rows, n, need, kq, kn, kd, ks, zq, zd, zs):
     for a in prange(n_rows):
         quantize_row(X[a], n, need, kq, kn, kd, ks, zq, zd, zs, a)
+
+
+@numba.njit(cache=True, nogil=True)
+def quantize_rows(X, n_rows, n, need, kq, kn, kd, ks, zq, zd, zs):
+    """Rows 0..n_rows of X [rows, >= n] into the same rows of the scratch (each row the same bits
+    whichever thread quantizes it)."""
+    if n_rows * n < SERIAL_VALUES:
+        for a in range(n_rows):
+            quantize_row(X[a], n, need, kq, kn, kd, ks, zq, zd, zs, a)
+    else:
+        _quantize_rows_par(X, n_rows, n, need, kq, kn, kd, ks, zq, zd, zs)
 
 
 def need_of(*kinds) -> int:
@@ -272,15 +286,29 @@ def is_panel(kind):  # stored panels (quant/panels.py): 16 rows at a time, lanes
     return kind >= P_Q4_K
 
 
+ROW_COST = 2  # the cost of streaming one weight row, in units of one (row, pair) product
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
-def _boundary(mats, jobs, n_jobs, pos):
-    """A chunk boundary at row pos of the jobs' rows, moved down to the first row of its panel
-    where it falls inside a stored-panel matrix (every thread then works on whole panels)."""
-    j, base = 0, 0
-    while j < n_jobs and base + mats[jobs[j, 0], M_ROWS] <= pos:
+def _job_cost(mats, jobs, j):  # a job's rows x (ROW_COST + its pairs)
+    return mats[jobs[j, 0], M_ROWS] * (ROW_COST + jobs[j, 3] - jobs[j, 2])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _boundary(mats, jobs, n_jobs, target):
+    """The row (counted over all the jobs' rows) where the cost `target` is reached, moved down to
+    the first row of its panel where it falls inside a stored-panel matrix (every thread then
+    works on whole panels). Cost rather than rows: the experts of a batched step have different
+    numbers of tokens, and a split by rows gave one thread more products than the other."""
+    j, base, acc = 0, 0, 0
+    while j < n_jobs and acc + _job_cost(mats, jobs, j) <= target:
+        acc += _job_cost(mats, jobs, j)
         base += mats[jobs[j, 0], M_ROWS]
         j += 1
-    if j < n_jobs and is_panel(mats[jobs[j, 0], M_KIND]):
+    if j == n_jobs:
+        return base
+    pos = base + (target - acc) // (ROW_COST + jobs[j, 3] - jobs[j, 2])
+    if is_panel(mats[jobs[j, 0], M_KIND]):
         return base + (pos - base) // ROWS * ROWS
     return pos
 
@@ -290,10 +318,11 @@ def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, 
     """Every job's rows x pairs (see the module docstring); X f32 [act rows, W] for float weights.
     A stored-panel matrix goes 16 rows at a time, all its pairs in tiles of tokens (wp: per-thread
     scratch of gemm.scratch_panels, indexed by Numba's thread id)."""
-    total = 0
+    total, rows = 0, 0
     for j in range(n_jobs):
-        total += mats[jobs[j, 0], M_ROWS]
-    n_chunks = max(1, min(n_chunks, total))
+        total += _job_cost(mats, jobs, j)
+        rows += mats[jobs[j, 0], M_ROWS]
+    n_chunks = max(1, min(n_chunks, rows))
     for c in prange(n_chunks):
         start = _boundary(mats, jobs, n_jobs, total * c // n_chunks)
         stop = _boundary(mats, jobs, n_jobs, total * (c + 1) // n_chunks)
