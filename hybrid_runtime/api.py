@@ -112,6 +112,9 @@ class Model:
         """Append tokens to the cache in prefill chunks; float32 logits [n, vocab] (n = 1 unless all_logits)."""
         ids = self._check_ids(token_ids)
         chunk = self.options.prefill_chunk
+        fast = getattr(self.net, "forward_last_logits", None)
+        if fast is not None and not all_logits and len(ids) <= chunk:  # decode: one compiled call
+            return fast(ids, cache)
         out = []
         for start in range(0, len(ids), chunk):
             hidden = self.net.forward(torch.as_tensor(ids[start : start + chunk]), cache)

@@ -141,18 +141,55 @@ def test_chunks_by_cost_cover_every_row_once(loaded, preset, quant):
     n_jobs = 2 * len(spans)
     act_row = np.arange(P, dtype=np.int64)
     ref = np.full((P, 2 * F), np.nan, np.float32)
-    project(w, jobs, n_jobs, a, act_row, ref, 1)
+    project(w, jobs, n_jobs, a, act_row, ref, 1, 0)  # one chunk: on the calling thread
     assert not np.isnan(ref).any()
     total = sum(_job_cost(mats, jobs, j) for j in range(n_jobs))
     rows = sum(int(mats[jobs[j, 0], tb.M_ROWS]) for j in range(n_jobs))
     for n_chunks in (2, 7, 8, 13):
         y = np.full_like(ref, np.nan)
-        project(w, jobs, n_jobs, a, act_row, y, n_chunks)
+        project(w, jobs, n_jobs, a, act_row, y, n_chunks, 0)  # serial_work 0: a parallel region
         assert np.array_equal(y, ref), n_chunks
         cut = [_boundary(mats, jobs, n_jobs, total * c // n_chunks) for c in range(n_chunks + 1)]
         assert cut[0] == 0 and cut[-1] == rows and all(x <= y_ for x, y_ in zip(cut, cut[1:]))
         if is_panel(mats[gx, tb.M_KIND]):
             assert all(c % 16 == 0 for c in cut)
+
+
+@pytest.mark.parametrize("preset,quant", [CASES[0], CASES[1]])
+def test_serial_and_parallel_steps_give_the_same_bits(loaded, preset, quant):
+    """Small projections and attention cores run on the calling thread (below serial_work), the
+    rest in parallel regions, the serial attention in wider head groups: a prompt and decode steps
+    give bit-identical logits with everything serial, everything parallel and the default."""
+    from hybrid_runtime.cpu.layers import D_SERIAL
+
+    compiled, _ = loaded(preset, quant)
+    net, rng = compiled.net, np.random.default_rng()
+    toks = rng.integers(0, compiled.config.n_vocab, int(rng.integers(2, 30))).tolist()
+    default = int(net.dm[D_SERIAL])
+    runs = []
+    try:
+        for serial in (default, 0, 1 << 62):
+            net.dm[D_SERIAL] = serial
+            cache = compiled.new_cache()
+            out = [compiled.forward(toks, cache)]
+            out += [compiled.forward([t], cache) for t in toks[:4]]
+            runs.append(np.concatenate(out))
+    finally:
+        net.dm[D_SERIAL] = default
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[0], runs[2])
+
+
+def test_serial_work_comes_from_the_environment(monkeypatch):
+    from hybrid_runtime.cpu.rows import SERIAL_WORK
+    from hybrid_runtime.cpu.step import SERIAL_WORK_ENV, serial_work
+
+    monkeypatch.delenv(SERIAL_WORK_ENV, raising=False)
+    assert serial_work() in (SERIAL_WORK, 1 << 62)  # 1 << 62: one thread, everything serial
+    monkeypatch.setenv(SERIAL_WORK_ENV, "12345")
+    assert serial_work() in (12345, 1 << 62)
+    monkeypatch.setenv(SERIAL_WORK_ENV, "lots")
+    with pytest.raises(hr.HybridError, match="whole number"):
+        serial_work()
 
 
 def test_cache_blocks_return_to_the_pool(loaded):

@@ -1,7 +1,7 @@
 """Time spent inside compute kernels during a decode step, to separate it from Python overhead.
 
 `kernel_timer()` temporarily wraps the callables that do the arithmetic (quantized matmuls, the
-MoE backends, the compiled step's two Numba calls); everything else in a step (attention's small
+MoE backends, the compiled step's Numba calls); everything else in a step (attention's small
 torch ops, routing, glue, the embedding lookup) is overhead.
 """
 
@@ -20,7 +20,7 @@ def kernel_timer():
     methods = [(cls, "__call__") for cls in (provider.KernelLinear, provider.KernelHeadLinear, provider.RoundedLinear,
                                              provider.RoundedHeadLinear, backends.CpuQuantExperts,
                                              backends.FloatExperts)]
-    methods += [(CompiledDeepSeek2, "_run"), (CompiledDeepSeek2, "logits")]
+    methods += [(CompiledDeepSeek2, "_run"), (CompiledDeepSeek2, "logits"), (CompiledDeepSeek2, "_decode")]
     spent = [0.0]
     originals = {m: getattr(*m) for m in methods}
 

@@ -26,9 +26,9 @@ from hybrid_runtime.cpu.table import (F_ATTN_NORM, F_BIAS, F_DOWN, F_DOWN_X, F_F
                                       M_ESTRIDE, M_KIND, M_NB, M_OFF, M_ROWS, M_RSTRIDE)
 
 (D_D, D_H, D_N, D_R, D_V, D_C, D_QL, D_E, D_K, D_NG, D_NGU, D_GATING, D_WNORM, D_BS, D_CHUNKS,
- D_LMAX, D_HG) = range(17)
+ D_LMAX, D_HG, D_SERIAL) = range(18)
 FD_EPS, FD_SCALE, FD_WSCALE = range(3)
-N_DIMS, N_FDIMS = 17, 3
+N_DIMS, N_FDIMS = 18, 3
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -61,8 +61,9 @@ def rope(x, o, n, cos, sin, p):
 
 
 @numba.njit(cache=True, nogil=True)
-def project(w, jobs, n_jobs, a, act_row, Y, n_chunks):
-    run_jobs(w.space, w.mats, jobs, n_jobs, a.X, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs, act_row, Y, n_chunks, w.wp)
+def project(w, jobs, n_jobs, a, act_row, Y, n_chunks, serial_work):
+    run_jobs(w.space, w.mats, jobs, n_jobs, a.X, a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs, act_row, Y, n_chunks,
+             serial_work, w.wp)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -274,7 +275,7 @@ def tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, p):
         j += 1
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)
 def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, cos, sin, Q, O, q_abs_t, qpe_t, scores_t,
                    mx_t, olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp):
     """Per (token, group of HG heads): each head's rope of q_pe and its quantized q_nope row (here,
@@ -285,67 +286,98 @@ def attention_core(space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, cos, s
     head runs the same code whatever its group or batch. q_nope rows are quantized in activation
     rows t*H + h; rows T*H + thread*HG + i hold a thread's o_lat rows. (Arrays are passed one by
     one: Numba's parallel regions take no tuples.) Stored-panel k_b / v_b (table.head_panels) go
-    16 rows at a time through the panel kernels, one token a call (wp: their scratch by thread)."""
-    H, N, R, V, C, bs, HG, LM = dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_BS], dm[D_HG], dm[D_LMAX]
+    16 rows at a time through the panel kernels, one token a call (wp: their scratch by thread).
+    One parallel region over the items, or a loop on the calling thread where their work is below
+    rows.SERIAL_WORK (the same bits: an item is computed alike on any thread)."""
+    H, HG, C, R = dm[D_H], dm[D_HG], dm[D_C], dm[D_R]
+    n_items = T * ((H + HG - 1) // HG)
+    # bytes the items stream: the heads' k_b / v_b rows and, per tile of heads, the cache rows read
+    per_head = mats[kb, M_ESTRIDE] + mats[vb, M_ESTRIDE]
+    ctx = 0
+    for t in range(T):
+        ctx += pos[t] + 1
+    work = T * H * per_head + ctx * ((HG + HT - 1) // HT) * ((H + HG - 1) // HG) * 4 * (C + R) * 2
+    if n_items == 1 or work < dm[D_SERIAL]:
+        # one thread: groups as wide as its scratch allows (fewer zero heads padding the tiles)
+        G = min(H, (HG + HT - 1) // HT * HT, q_abs_t.shape[0] * HG)
+        for item in range(T * ((H + G - 1) // G)):
+            _attn_item(item, space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, cos, sin, Q, O, q_abs_t,
+                       qpe_t, scores_t, mx_t, olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp, 0, G)
+    else:
+        _attn_items(n_items, space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, cos, sin, Q, O, q_abs_t,
+                    qpe_t, scores_t, mx_t, olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp, HG)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _attn_items(n_items, space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, cos, sin, Q, O, q_abs_t, qpe_t,
+                scores_t, mx_t, olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp, HG):
+    for item in prange(n_items):
+        _attn_item(item, space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, cos, sin, Q, O, q_abs_t, qpe_t,
+                   scores_t, mx_t, olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp, numba.get_thread_id(), HG)
+
+
+@numba.njit(cache=True, nogil=True)
+def _attn_item(item, space, mats, kb, vb, dm, scale, T, pos, btab, lat, pe, cos, sin, Q, O, q_abs_t, qpe_t,
+               scores_t, mx_t, olat_t, X, kq, kn, kd, ks, zq, zd, zs, wp, tid, HG):
+    """One (token, group of HG heads) of attention_core on thread tid's scratch."""
+    H, N, R, V, C, bs, LM = dm[D_H], dm[D_N], dm[D_R], dm[D_V], dm[D_C], dm[D_BS], dm[D_LMAX]
     kind_k, nb_k, rs_k, es_k, off_k = mats[kb, M_KIND], mats[kb, M_NB], mats[kb, M_RSTRIDE], mats[kb, M_ESTRIDE], mats[kb, M_OFF]
     kind_v, nb_v, rs_v, es_v, off_v = mats[vb, M_KIND], mats[vb, M_NB], mats[vb, M_RSTRIDE], mats[vb, M_ESTRIDE], mats[vb, M_OFF]
     need_v, need_k = need_for(mats, vb), need_for(mats, kb)
     n_groups = (H + HG - 1) // HG
     n_pad = (HG + HT - 1) // HT * HT
-    for item in prange(T * n_groups):
-        t, g = item // n_groups, item % n_groups
-        h0 = g * HG
-        nh = min(H, h0 + HG) - h0
-        tid = numba.get_thread_id()
-        qa, qp, sc, mx, ol = q_abs_t[tid], qpe_t[tid], scores_t[tid], mx_t[tid], olat_t[tid]
-        one = np.empty(1, np.int64)  # the activation row of a panel call
-        for i in range(n_pad):
-            if i < nh:
-                h, arow = h0 + i, t * H + h0 + i
-                rope(Q[t], h * (N + R) + N, R, cos, sin, pos[t])
-                X[arow, :N] = Q[t, h * (N + R): h * (N + R) + N]
-                quantize_row(X[arow], N, need_k, kq, kn, kd, ks, zq, zd, zs, arow)
-                if is_panel(kind_k):
-                    one[0] = t * H + h0 + i
-                    qa2 = qa.reshape((1, qa.shape[0]))
-                    xa, sa, da = (zq, zs, zd) if kind_k == P_Q8_0 else (kq, ks, kd)
-                    for q in range(C // ROWS):
-                        stored_through(kind_k, space[off_k + (h0 + i) * es_k + q * rs_k:], nb_k, xa, sa, da, one, 0, 1,
-                                       qa2, i * C + ROWS * q, wp[tid])
-                else:
-                    for c in range(C):
-                        qa[i * C + c] = row_dot(kind_k, nb_k, N, space, off_k + (h0 + i) * es_k + c * rs_k,
-                                                X, kq, kn, kd, ks, zq, zd, zs, t * H + h0 + i)
-                for r in range(R):
-                    qp[i * R + r] = Q[t, (h0 + i) * (N + R) + N + r]
+    t, g = item // n_groups, item % n_groups
+    h0 = g * HG
+    nh = min(H, h0 + HG) - h0
+    qa, qp, sc, mx, ol = q_abs_t[tid], qpe_t[tid], scores_t[tid], mx_t[tid], olat_t[tid]
+    one = np.empty(1, np.int64)  # the activation row of a panel call
+    for i in range(n_pad):
+        if i < nh:
+            h, arow = h0 + i, t * H + h0 + i
+            rope(Q[t], h * (N + R) + N, R, cos, sin, pos[t])
+            X[arow, :N] = Q[t, h * (N + R): h * (N + R) + N]
+            quantize_row(X[arow], N, need_k, kq, kn, kd, ks, zq, zd, zs, arow)
+            if is_panel(kind_k):
+                one[0] = t * H + h0 + i
+                qa2 = qa.reshape((1, qa.shape[0]))
+                xa, sa, da = (zq, zs, zd) if kind_k == P_Q8_0 else (kq, ks, kd)
+                for q in range(C // ROWS):
+                    stored_through(kind_k, space[off_k + (h0 + i) * es_k + q * rs_k:], nb_k, xa, sa, da, one, 0, 1,
+                                   qa2, i * C + ROWS * q, wp[tid])
             else:
-                qa[i * C: (i + 1) * C] = 0.0
-                qp[i * R: (i + 1) * R] = 0.0
-            mx[i] = -np.inf
-        L = pos[t] + 1
-        acc = sc[n_pad * LM: n_pad * LM + 4 * HT]  # the tile's accumulators / weights
-        for i0 in range(0, n_pad, HT):
-            tile_scores(qa, qp, i0, C, R, lat, pe, btab, t, bs, L, scale, sc, LM, mx, acc)
-        softmax_rows(sc, n_pad, LM, L, mx)
-        for i in range(n_pad):
-            ol[i, :C] = 0.0
-        for i0 in range(0, n_pad, HT):
-            tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, acc)
-        for i in range(nh):
-            arow = T * H + tid * HG + i
-            X[arow, :C] = ol[i, :C]
-            quantize_row(X[arow], C, need_v, kq, kn, kd, ks, zq, zd, zs, arow)
-            h = h0 + i
-            if is_panel(kind_v):
-                one[0] = arow
-                xa, sa, da = (zq, zs, zd) if kind_v == P_Q8_0 else (kq, ks, kd)
-                for q in range(V // ROWS):
-                    stored_through(kind_v, space[off_v + h * es_v + q * rs_v:], nb_v, xa, sa, da, one, 0, 1,
-                                   O, t * O.shape[1] + h * V + ROWS * q, wp[tid])
-            else:
-                for v_ in range(V):
-                    O[t, h * V + v_] = row_dot(kind_v, nb_v, C, space, off_v + h * es_v + v_ * rs_v,
-                                               X, kq, kn, kd, ks, zq, zd, zs, arow)
+                for c in range(C):
+                    qa[i * C + c] = row_dot(kind_k, nb_k, N, space, off_k + (h0 + i) * es_k + c * rs_k,
+                                            X, kq, kn, kd, ks, zq, zd, zs, t * H + h0 + i)
+            for r in range(R):
+                qp[i * R + r] = Q[t, (h0 + i) * (N + R) + N + r]
+        else:
+            qa[i * C: (i + 1) * C] = 0.0
+            qp[i * R: (i + 1) * R] = 0.0
+        mx[i] = -np.inf
+    L = pos[t] + 1
+    acc = sc[n_pad * LM: n_pad * LM + 4 * HT]  # the tile's accumulators / weights
+    for i0 in range(0, n_pad, HT):
+        tile_scores(qa, qp, i0, C, R, lat, pe, btab, t, bs, L, scale, sc, LM, mx, acc)
+    softmax_rows(sc, n_pad, LM, L, mx)
+    for i in range(n_pad):
+        ol[i, :C] = 0.0
+    for i0 in range(0, n_pad, HT):
+        tile_values(sc, mx, i0, lat, btab, t, bs, L, LM, ol, C, acc)
+    for i in range(nh):
+        arow = T * H + tid * HG + i
+        X[arow, :C] = ol[i, :C]
+        quantize_row(X[arow], C, need_v, kq, kn, kd, ks, zq, zd, zs, arow)
+        h = h0 + i
+        if is_panel(kind_v):
+            one[0] = arow
+            xa, sa, da = (zq, zs, zd) if kind_v == P_Q8_0 else (kq, ks, kd)
+            for q in range(V // ROWS):
+                stored_through(kind_v, space[off_v + h * es_v + q * rs_v:], nb_v, xa, sa, da, one, 0, 1,
+                               O, t * O.shape[1] + h * V + ROWS * q, wp[tid])
+        else:
+            for v_ in range(V):
+                O[t, h * V + v_] = row_dot(kind_v, nb_v, C, space, off_v + h * es_v + v_ * rs_v,
+                                           X, kq, kn, kd, ks, zq, zd, zs, arow)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -361,13 +393,13 @@ def attention(w, lt, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah):
     q_cols = QL if QL else HQ  # s.Y1[t] = [q_a (or q) | latent | k_pe]
     set_job(jobs, 0, lt[F_Q_A] if QL else lt[F_Q_B], 0, 0, T, 0)
     set_job(jobs, 1, kv_a, 0, 0, T, q_cols)
-    project(w, jobs, 2, a, ident, s.Y1, n_chunks)
+    project(w, jobs, 2, a, ident, s.Y1, n_chunks, dm[D_SERIAL])
     if QL:
         for t in range(T):  # q = q_b(rms_norm(q_a))
             rms_norm(s.Y1[t], QL, w.va, w.vecs[lt[F_Q_A_NORM], 0], fd[FD_EPS], a.X[t])
         quantize_rows(a.X, T, QL, need_for(w.mats, lt[F_Q_B]), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
         set_job(jobs, 0, lt[F_Q_B], 0, 0, T, 0)
-        project(w, jobs, 1, a, ident, s.Q, n_chunks)
+        project(w, jobs, 1, a, ident, s.Q, n_chunks, dm[D_SERIAL])
     else:
         for t in range(T):
             s.Q[t, :HQ] = s.Y1[t, :HQ]
@@ -386,7 +418,7 @@ def attention(w, lt, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah):
         for t in range(T):
             a.X[t, :H * V] = s.O[t, :H * V]
     set_job(jobs, 0, wo, 0, 0, T, 0)
-    project(w, jobs, 1, a, ident, s.Y2, n_chunks)
+    project(w, jobs, 1, a, ident, s.Y2, n_chunks, dm[D_SERIAL])
     for t in range(T):
         for i in range(D):
             x[t, i] += s.Y2[t, i]
@@ -499,7 +531,7 @@ def moe(w, lt, dm, fd, x, T, s, a):
         set_job(jobs, 1, gs, 0, 0, T, E)
         set_job(jobs, 2, us, 0, 0, T, E + FS)
         n = 3
-    project(w, jobs, n, a, s.ident, s.Y1, n_chunks)
+    project(w, jobs, n, a, s.ident, s.Y1, n_chunks, dm[D_SERIAL])
     bias = w.vecs[lt[F_BIAS], 0] if lt[F_BIAS] >= 0 else -1
     for t in range(T):
         select_experts(s.Y1[t], w.va, bias, dm, fd, s.ids[t], s.wts[t], s.probs, s.sel)
@@ -512,7 +544,7 @@ def moe(w, lt, dm, fd, x, T, s, a):
             set_job(jobs, n, gx, e, p0, p1, 0)
             set_job(jobs, n + 1, ux, e, p0, p1, F)
             n += 2
-    project(w, jobs, n, a, s.pair_tok, s.Yx, n_chunks)
+    project(w, jobs, n, a, s.pair_tok, s.Yx, n_chunks, dm[D_SERIAL])
     silu_mul(s.Yx, P, F, a.X)
     if gs >= 0:
         for t in range(T):
@@ -531,7 +563,7 @@ def moe(w, lt, dm, fd, x, T, s, a):
             quantize_row(a.X[P + t], FS, need_for(w.mats, ds), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs, P + t)
         set_job(jobs, n, ds, 0, P, P + T, 0)
         n += 1
-    project(w, jobs, n, a, s.ident, s.Yd, n_chunks)
+    project(w, jobs, n, a, s.ident, s.Yd, n_chunks, dm[D_SERIAL])
     acc = s.Y2[0]
     for t in range(T):  # fixed order per token: k = 0..K-1, then the shared expert
         acc[:D] = 0.0
@@ -555,11 +587,11 @@ def dense_ffn(w, lt, dm, fd, x, T, s, a):
     norm_and_quantize(w, x, T, D, lt[F_FFN_NORM], need_for(w.mats, g) | need_for(w.mats, u), a, fd[FD_EPS])
     set_job(jobs, 0, g, 0, 0, T, 0)
     set_job(jobs, 1, u, 0, 0, T, F)
-    project(w, jobs, 2, a, s.ident, s.Yx, n_chunks)
+    project(w, jobs, 2, a, s.ident, s.Yx, n_chunks, dm[D_SERIAL])
     silu_mul(s.Yx, T, F, a.X)
     quantize_rows(a.X, T, F, need_for(w.mats, d), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
     set_job(jobs, 0, d, 0, 0, T, 0)
-    project(w, jobs, 1, a, s.ident, s.Yd, n_chunks)
+    project(w, jobs, 1, a, s.ident, s.Yd, n_chunks, dm[D_SERIAL])
     for t in range(T):
         for i in range(D):
             x[t, i] += s.Yd[t, i]
@@ -588,4 +620,12 @@ def head(w, dm, fd, x, rows, n_rows, norm_vec, head_mat, s, a, logits):
         rms_norm(x[rows[i]], D, w.va, w.vecs[norm_vec, 0], fd[FD_EPS], a.X[i])
     quantize_rows(a.X, n_rows, D, need_for(w.mats, head_mat), a.kq, a.kn, a.kd, a.ks, a.zq, a.zd, a.zs)
     set_job(s.jobs, 0, head_mat, 0, 0, n_rows, 0)
-    project(w, s.jobs, 1, a, s.ident, logits, dm[D_CHUNKS])
+    project(w, s.jobs, 1, a, s.ident, logits, dm[D_CHUNKS], dm[D_SERIAL])
+
+
+@numba.njit(cache=True, nogil=True)
+def step_and_head(w, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah, n_layer, norm_vec, head_mat, logits):
+    """Every layer over x [T, D], then logits[0] = head(rms_norm(x[T - 1])): decode's one call."""
+    model_layers(w, dm, fd, x, T, pos, btab, lat, pe, cos, sin, s, a, ah, 0, n_layer)
+    last = s.ident[T - 1: T]
+    head(w, dm, fd, x, last, 1, norm_vec, head_mat, s, a, logits)

@@ -313,63 +313,103 @@ def _boundary(mats, jobs, n_jobs, target):
     return pos
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks, wp):
+SERIAL_WORK = 1 << 17  # the default of run_jobs' serial_work (CompiledDeepSeek2 sets it per step): a
+# call whose work (weight bytes x (ROW_COST + pairs) / ROW_COST, _work) is below it runs on the
+# calling thread, where a parallel region's fork and join (~1.5-3 us on 2 threads) costs more
+# than the second thread saves (the tiny models' 256-wide rows; docs/benchmarks.md). The bits do
+# not change: a chunk computes each row as any other would.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _row_bytes(mats, m):
+    b = mats[m, M_RSTRIDE]
+    return b // ROWS if is_panel(mats[m, M_KIND]) else b
+
+
+@numba.njit(cache=True, nogil=True)
+def _work(mats, jobs, n_jobs):
+    """The bytes a call streams, each row counted (ROW_COST + its pairs) / ROW_COST times."""
+    t = 0
+    for j in range(n_jobs):
+        m = jobs[j, 0]
+        t += mats[m, M_ROWS] * _row_bytes(mats, m) * (ROW_COST + jobs[j, 3] - jobs[j, 2])
+    return t // ROW_COST
+
+
+@numba.njit(cache=True, nogil=True)
+def run_jobs(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks, serial_work, wp):
     """Every job's rows x pairs (see the module docstring); X f32 [act rows, W] for float weights.
     A stored-panel matrix goes 16 rows at a time, all its pairs in tiles of tokens (wp: per-thread
-    scratch of gemm.scratch_panels, indexed by Numba's thread id)."""
+    scratch of gemm.scratch_panels, indexed by Numba's thread id). One parallel region of n_chunks
+    chunks of equal cost, or (n_chunks 1, or less work than serial_work) one span on the calling
+    thread."""
     total, rows = 0, 0
     for j in range(n_jobs):
         total += _job_cost(mats, jobs, j)
         rows += mats[jobs[j, 0], M_ROWS]
     n_chunks = max(1, min(n_chunks, rows))
+    if n_chunks == 1 or _work(mats, jobs, n_jobs) < serial_work:
+        _run_span(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, 0, rows,
+                  wp[numba.get_thread_id()])
+    else:
+        _run_chunks(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks, total, wp)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _run_chunks(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, n_chunks, total, wp):
     for c in prange(n_chunks):
         start = _boundary(mats, jobs, n_jobs, total * c // n_chunks)
         stop = _boundary(mats, jobs, n_jobs, total * (c + 1) // n_chunks)
-        if start >= stop:
-            continue
-        j, base = 0, 0
-        while base + mats[jobs[j, 0], M_ROWS] <= start:
-            base += mats[jobs[j, 0], M_ROWS]
+        if start < stop:
+            _run_span(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, start, stop,
+                      wp[numba.get_thread_id()])
+
+
+@numba.njit(cache=True, nogil=True)
+def _run_span(space, mats, jobs, n_jobs, X, kq, kn, kd, ks, zq, zd, zs, act_row, Y, start, stop, wpt):
+    """Rows start..stop-1, counted over all the jobs' rows (wpt: this thread's panel scratch)."""
+    j, base = 0, 0
+    while base + mats[jobs[j, 0], M_ROWS] <= start:
+        base += mats[jobs[j, 0], M_ROWS]
+        j += 1
+    r = start - base
+    pos = start
+    while pos < stop:
+        m = jobs[j, 0]
+        kind, nb, cols = mats[m, M_KIND], mats[m, M_NB], mats[m, M_COLS]
+        col = jobs[j, 4] + r
+        p, p1 = jobs[j, 2], jobs[j, 3]
+        if is_panel(kind):  # rows r .. r + 15: panel r // 16, M_RSTRIDE bytes a panel
+            wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + (r // ROWS) * mats[m, M_RSTRIDE]
+            q8 = kind == P_Q8_0
+            xa, sa, da = (zq, zs, zd) if q8 else (kq, ks, kd)
+            stored_through(kind, space[wo:], nb, xa, sa, da, act_row, p, p1, Y, col, wpt)
+            r += ROWS
+            pos += ROWS
+        else:
+            wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + r * mats[m, M_RSTRIDE]
+            if multi_kind(kind):  # the row's blocks unpacked once for 8, 4, then 2 pairs
+                while p + 8 <= p1:
+                    y8 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
+                                  (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3],
+                                   act_row[p + 4], act_row[p + 5], act_row[p + 6], act_row[p + 7]))
+                    for i in range(8):
+                        Y[p + i, col] = y8[i]
+                    p += 8
+                if p + 4 <= p1:
+                    y = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
+                                 (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3]))
+                    Y[p, col], Y[p + 1, col], Y[p + 2, col], Y[p + 3, col] = y[0], y[1], y[2], y[3]
+                    p += 4
+                if p + 2 <= p1:
+                    y2 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs, (act_row[p], act_row[p + 1]))
+                    Y[p, col], Y[p + 1, col] = y2[0], y2[1]
+                    p += 2
+            while p < p1:
+                Y[p, col] = row_dot(kind, nb, cols, space, wo, X, kq, kn, kd, ks, zq, zd, zs, act_row[p])
+                p += 1
+            r += 1
+            pos += 1
+        if r == mats[m, M_ROWS]:
+            r = 0
             j += 1
-        r = start - base
-        pos = start
-        while pos < stop:
-            m = jobs[j, 0]
-            kind, nb, cols = mats[m, M_KIND], mats[m, M_NB], mats[m, M_COLS]
-            col = jobs[j, 4] + r
-            p, p1 = jobs[j, 2], jobs[j, 3]
-            if is_panel(kind):  # rows r .. r + 15: panel r // 16, M_RSTRIDE bytes a panel
-                wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + (r // ROWS) * mats[m, M_RSTRIDE]
-                q8 = kind == P_Q8_0
-                xa, sa, da = (zq, zs, zd) if q8 else (kq, ks, kd)
-                stored_through(kind, space[wo:], nb, xa, sa, da, act_row, p, p1, Y, col, wp[numba.get_thread_id()])
-                r += ROWS
-                pos += ROWS
-            else:
-                wo = mats[m, M_OFF] + jobs[j, 1] * mats[m, M_ESTRIDE] + r * mats[m, M_RSTRIDE]
-                if multi_kind(kind):  # the row's blocks unpacked once for 8, 4, then 2 pairs
-                    while p + 8 <= p1:
-                        y8 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
-                                      (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3],
-                                       act_row[p + 4], act_row[p + 5], act_row[p + 6], act_row[p + 7]))
-                        for i in range(8):
-                            Y[p + i, col] = y8[i]
-                        p += 8
-                    if p + 4 <= p1:
-                        y = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs,
-                                     (act_row[p], act_row[p + 1], act_row[p + 2], act_row[p + 3]))
-                        Y[p, col], Y[p + 1, col], Y[p + 2, col], Y[p + 3, col] = y[0], y[1], y[2], y[3]
-                        p += 4
-                    if p + 2 <= p1:
-                        y2 = rows_dot(kind, nb, space, wo, kq, kn, kd, ks, zq, zd, zs, (act_row[p], act_row[p + 1]))
-                        Y[p, col], Y[p + 1, col] = y2[0], y2[1]
-                        p += 2
-                while p < p1:
-                    Y[p, col] = row_dot(kind, nb, cols, space, wo, X, kq, kn, kd, ks, zq, zd, zs, act_row[p])
-                    p += 1
-                r += 1
-                pos += 1
-            if r == mats[m, M_ROWS]:
-                r = 0
-                j += 1

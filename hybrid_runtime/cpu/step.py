@@ -13,6 +13,7 @@ logits are bit-identical alone and batched).
 
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 
 import numba
@@ -23,7 +24,7 @@ from gguf import GGMLQuantizationType as QT
 from hybrid_runtime.config import GATING_SIGMOID, ModelConfig
 from hybrid_runtime.cpu import table as tb
 from hybrid_runtime.cpu.cache import BLOCK, LatentPool, PagedCache
-from hybrid_runtime.errors import UnsupportedModelError
+from hybrid_runtime.errors import InvalidRequestError, UnsupportedModelError
 from hybrid_runtime.quant.cpu_features import has_avx512_vnni
 from hybrid_runtime.weights.gguf_file import GGUFModelFile
 
@@ -40,6 +41,24 @@ def threading_layer() -> str:
         return numba.threading_layer()
     except ValueError:
         return str(numba.config.THREADING_LAYER)
+
+
+SERIAL_WORK_ENV = "HYBRID_RUNTIME_SERIAL_WORK"
+
+
+def serial_work() -> int:
+    """Work (rows.run_jobs' units, about weight bytes) below which a projection or the attention
+    core runs on the calling thread: rows.SERIAL_WORK, everything with one thread, or the value of
+    $HYBRID_RUNTIME_SERIAL_WORK (for measuring the threshold on another machine)."""
+    from hybrid_runtime.cpu.rows import SERIAL_WORK
+
+    if numba.config.NUMBA_NUM_THREADS == 1:
+        return 1 << 62
+    raw = os.environ.get(SERIAL_WORK_ENV, "").strip()
+    try:
+        return max(0, int(raw)) if raw else SERIAL_WORK
+    except ValueError:
+        raise InvalidRequestError(f"${SERIAL_WORK_ENV} must be a whole number of bytes, not {raw!r}") from None
 
 
 def acts(rows: int, width: int) -> Acts:
@@ -101,6 +120,30 @@ def build_table(gf: GGUFModelFile, cfg: ModelConfig, experts: dict) -> tb.Weight
     return t
 
 
+class EntryPoints:
+    """Calls a Numba function through the compiled entry point of its signature. The step's state
+    is ~50 arrays in named tuples, and the dispatcher types every one of them on each call (10-12
+    us a call measured here, a tenth of a tiny model's decode step); the entry point of the
+    signature resolved on the first call only unboxes them (~3 us). For callers whose argument
+    types never change (the step's own scratch, arrays it makes itself): a later call with other
+    types must go through the dispatcher (`reset`)."""
+
+    def __init__(self):
+        self._fns: dict = {}
+
+    def __call__(self, fn, args: tuple):
+        entry = self._fns.get(fn)
+        if entry is not None:
+            return entry(*args)
+        out = fn(*args)  # compiles, or loads from the cache, the signature of these types
+        sig = tuple(fn.typeof_pyval(a) for a in args)
+        self._fns[fn] = fn.overloads[sig].entry_point
+        return out
+
+    def reset(self) -> None:
+        self._fns.clear()
+
+
 class CompiledDeepSeek2:
     """The deepseek2 network as one compiled call per step (see the module docstring)."""
 
@@ -138,6 +181,9 @@ class CompiledDeepSeek2:
         self.dm, self.fd = self._dims()
         self._scratch(max_tokens)
         self.pool: LatentPool | None = None
+        self._rope_of = None
+        self._entry = EntryPoints()
+        self._head_rows = int(self.w.mats[self.head_mat, tb.M_ROWS])
 
     # -- setup ----------------------------------------------------------------------------------
     def _dims(self):
@@ -151,6 +197,7 @@ class CompiledDeepSeek2:
         dm[L.D_CHUNKS] = 4 * numba.config.NUMBA_NUM_THREADS
         # heads per attention work item: one group per thread (at most 16 heads share a pass)
         dm[L.D_HG] = max(1, min(16, -(-c.n_head // numba.config.NUMBA_NUM_THREADS)))
+        dm[L.D_SERIAL] = serial_work()
         fd = np.array([c.rms_eps, c.attn_scale, c.weights_scale], np.float64)
         return dm, fd
 
@@ -190,8 +237,10 @@ class CompiledDeepSeek2:
             self.dm[self._L.D_LMAX] = n_ctx
         if self.rope._cos.shape[0] < n_ctx:
             self.rope._table(n_ctx)
-        self.cos = np.ascontiguousarray(self.rope._cos.numpy())
-        self.sin = np.ascontiguousarray(self.rope._sin.numpy())
+        if self._rope_of is not self.rope._cos:  # numpy views of the table, made when it grows
+            self.cos = np.ascontiguousarray(self.rope._cos.numpy())
+            self.sin = np.ascontiguousarray(self.rope._sin.numpy())
+            self._rope_of = self.rope._cos
 
     def expert_reads(self) -> tuple[int, int]:
         """(routed experts read, their bytes) over every step so far: an expert chosen by several
@@ -231,11 +280,38 @@ class CompiledDeepSeek2:
         T, start = ids.shape[0], cache.n_tokens
         if self.prefill_net is not None and T >= self.prefill_min_tokens:
             return self.prefill_net.hidden(torch.as_tensor(ids), cache)
-        cache.reserve(start + T)
-        pos = np.arange(start, start + T, dtype=np.int64)
-        x = self._run(ids, pos, np.tile(cache.table, (T, 1)))
+        x = self._run(ids, *self._one_sequence(T, start, cache))
         cache.commit(T)
         return torch.from_numpy(x)
+
+    def forward_last_logits(self, ids: list[int], cache: PagedCache) -> np.ndarray:
+        """Decode's path: tokens [T] (T <= max_tokens) at positions cache.n_tokens.. -> float32
+        logits [1, vocab] of the last, the layers and the head in one compiled call; the same bits
+        as logits(forward(ids, cache)[-1:])."""
+        T, start = len(ids), cache.n_tokens
+        if (self.prefill_net is not None and T >= self.prefill_min_tokens) or T > self.max_tokens:
+            return self.logits(self.forward(torch.as_tensor(ids), cache)[-1:]).numpy()
+        ids = np.asarray(ids, np.int64)
+        pos, btab = self._one_sequence(T, start, cache)
+        self._fit_context(start + T)
+        out = self._decode(self.embed(ids), pos, btab)
+        cache.commit(T)
+        return out
+
+    def _decode(self, x: np.ndarray, pos: np.ndarray, btab: np.ndarray) -> np.ndarray:
+        """The one compiled call of a decode step (bench.timing times it): x [T, D] -> logits [1, V]."""
+        out = np.empty((1, self._head_rows), np.float32)
+        self._entry(self._L.step_and_head, (self.w, self.dm, self.fd, x, x.shape[0], pos, btab, self.pool.lat,
+                                            self.pool.pe, self.cos, self.sin, self.s, self.a, self.ah,
+                                            self.cfg.n_layer, self.norm_vec, self.head_mat, out))
+        return out
+
+    @staticmethod
+    def _one_sequence(T: int, start: int, cache: PagedCache):
+        """Positions and block table rows of T tokens of one sequence from `start`."""
+        cache.reserve(start + T)
+        pos = np.arange(start, start + T, dtype=np.int64)
+        return pos, (cache.table.reshape(1, -1) if T == 1 else np.tile(cache.table, (T, 1)))
 
     def forward_batch(self, tokens, caches: list[PagedCache]) -> torch.Tensor:
         """One new token for each of B sequences -> hidden [B, D]; each cache grows by one."""
@@ -273,8 +349,8 @@ class CompiledDeepSeek2:
         self._fit_context(int(pos.max()) + 1)
         x = self.embed(ids)
         pool = self.pool
-        self._L.model_layers(self.w, self.dm, self.fd, x, ids.shape[0], pos, btab, pool.lat, pool.pe, self.cos,
-                             self.sin, self.s, self.a, self.ah, 0, self.cfg.n_layer)
+        self._entry(self._L.model_layers, (self.w, self.dm, self.fd, x, ids.shape[0], pos, btab, pool.lat, pool.pe,
+                                           self.cos, self.sin, self.s, self.a, self.ah, 0, self.cfg.n_layer))
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

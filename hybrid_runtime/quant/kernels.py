@@ -349,22 +349,35 @@ def _deq_q80_block(w, wo, out, oo):
         put(out, oo + l, d * np.float32(np.int8(w[wo + 2 + l])))
 
 
+@numba.njit(cache=True, nogil=True)
+def _dequantize_row(kind, row, dst):  # one row of raw blocks -> dst float32 (or uint16 bf16 bits)
+    if kind == K_Q8_0:
+        for b in range(dst.shape[0] // 32):
+            _deq_q80_block(row, 34 * b, dst, 32 * b)
+    elif kind == K_Q4_K:
+        for b in range(dst.shape[0] // 256):
+            _deq_q4k_block(row, 144 * b, dst, 256 * b)
+    elif kind == K_Q5_K:
+        for b in range(dst.shape[0] // 256):
+            _deq_q5k_block(row, 176 * b, dst, 256 * b)
+    else:
+        for b in range(dst.shape[0] // 256):
+            _deq_q6k_block(row, 210 * b, dst, 256 * b)
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def dequantize_rows_into(kind, w, out):  # w [R, RB] u8 -> out [R, C] float32, or uint16 bf16 bits
     for r in prange(w.shape[0]):
-        row, dst = w[r], out[r]
-        if kind == K_Q8_0:
-            for b in range(dst.shape[0] // 32):
-                _deq_q80_block(row, 34 * b, dst, 32 * b)
-        elif kind == K_Q4_K:
-            for b in range(dst.shape[0] // 256):
-                _deq_q4k_block(row, 144 * b, dst, 256 * b)
-        elif kind == K_Q5_K:
-            for b in range(dst.shape[0] // 256):
-                _deq_q5k_block(row, 176 * b, dst, 256 * b)
-        else:
-            for b in range(dst.shape[0] // 256):
-                _deq_q6k_block(row, 210 * b, dst, 256 * b)
+        _dequantize_row(kind, w[r], out[r])
+
+
+@numba.njit(cache=True, nogil=True)
+def dequantize_rows_serial(kind, w, out):  # the same on the calling thread (a decode step's embedding)
+    for r in range(w.shape[0]):
+        _dequantize_row(kind, w[r], out[r])
+
+
+SERIAL_DEQUANT = 1 << 14  # values below which no parallel region is worth its fork and join
 
 
 _FAST_DEQUANT = {QT.Q4_K: K_Q4_K, QT.Q5_K: K_Q5_K, QT.Q6_K: K_Q6_K, QT.Q8_0: K_Q8_0}
@@ -378,7 +391,7 @@ def dequantize_rows(qtype: QT, w: np.ndarray) -> np.ndarray:
         return dequantize(np.ascontiguousarray(w), qtype).astype(np.float32, copy=False)
     values, nbytes = GGML_QUANT_SIZES[qtype]
     out = np.empty((w.shape[0], w.shape[1] // nbytes * values), np.float32)
-    dequantize_rows_into(_FAST_DEQUANT[qtype], w, out)
+    (dequantize_rows_serial if out.size < SERIAL_DEQUANT else dequantize_rows_into)(_FAST_DEQUANT[qtype], w, out)
     return out
 
 
