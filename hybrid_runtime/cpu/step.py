@@ -124,9 +124,8 @@ class EntryPoints:
     """Calls a Numba function through the compiled entry point of its signature. The step's state
     is ~50 arrays in named tuples, and the dispatcher types every one of them on each call (10-12
     us a call measured here, a tenth of a tiny model's decode step); the entry point of the
-    signature resolved on the first call only unboxes them (~3 us). For callers whose argument
-    types never change (the step's own scratch, arrays it makes itself): a later call with other
-    types must go through the dispatcher (`reset`)."""
+    signature resolved on the first call only unboxes them (~3 us). Only for callers whose argument
+    types never change: the step's own scratch and the arrays it makes itself."""
 
     def __init__(self):
         self._fns: dict = {}
@@ -139,9 +138,6 @@ class EntryPoints:
         sig = tuple(fn.typeof_pyval(a) for a in args)
         self._fns[fn] = fn.overloads[sig].entry_point
         return out
-
-    def reset(self) -> None:
-        self._fns.clear()
 
 
 class CompiledDeepSeek2:
